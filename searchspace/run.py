@@ -1,0 +1,311 @@
+"""python -m searchspace.run TASK: hyperparameter search, then cross-fit, into one experiment.
+
+Checks the data before any trial starts, writes the experiment's index, runs
+Ray Tune (Optuna TPE sampling, ASHA early stopping; one trial = one config on
+fold 0), and writes trials.parquet and each trial's holdout predictions as a
+candidate. See ../shared/DESIGN.md for the experiment contract.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import os
+import sys
+import time
+
+import pandas as pd
+import pyarrow as pa
+
+from searchspace.data import build_index
+from searchspace.tasks import TASKS, get_task
+from trainer import storage
+from trainer.cache import default_cache_dir, fingerprint
+from trainer.errors import BadInput
+from trainer.images import scan
+from trainer.metrics import METRICS
+from trainer.model import check_arch
+
+DEFAULT_RUNS = "runs"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m searchspace.run",
+        description="Search timm image classifiers with Ray Tune (Optuna + ASHA), then cross-fit the best.")
+    p.add_argument("task", help=f"one of: {', '.join(TASKS)}")
+    p.add_argument("--data", help="data folder or URI (s3://, gs://); digits needs none")
+    p.add_argument("--trials", type=int, help="number of trials (default: the task's budget)")
+    p.add_argument("--max-epochs", type=int, help="epochs of a trial that is never stopped early")
+    p.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped")
+    p.add_argument("--reduction-factor", type=int, help="ASHA: keep 1/this of the trials at each rung")
+    p.add_argument("--folds", type=int, help="K for the stratified K folds")
+    p.add_argument("--cpus-per-trial", type=float, default=1)
+    p.add_argument("--gpus-per-trial", type=float, default=0,
+                   help="fraction allowed: 0.25 packs four small trials on one GPU")
+    p.add_argument("--max-concurrent", type=int, default=0, help="at most this many trials at once (0: as resources allow)")
+    p.add_argument("--storage", default=DEFAULT_RUNS, help="folder or URI that holds experiments (default: ./runs)")
+    p.add_argument("--name", help="experiment name (default: TASK-date-time)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=default_cache_dir(), help="this node's image cache (default: %(default)s)")
+    p.add_argument("--archs", help="comma-separated timm model names that replace the task's architectures")
+    p.add_argument("--image-sizes", help="comma-separated image sizes that replace the task's sizes")
+    p.add_argument("--aug-backend", choices=["kornia", "albumentations"],
+                   help="force the augmentation backend (default: kornia on GPU, albumentations on CPU)")
+    p.add_argument("--weights-dir", help="folder of local pretrained weights, <arch>.safetensors or <arch>.pth")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="leave unreadable images out (recorded in experiment.json) instead of stopping")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial, from its last checkpoint")
+    return p.parse_args(argv)
+
+
+# --- options -----------------------------------------------------------------
+
+def budget(task, args) -> dict:
+    b = dict(task.BUDGET)
+    for key in ("trials", "max_epochs", "grace_period", "reduction_factor", "folds"):
+        if getattr(args, key) is not None:
+            b[key] = getattr(args, key)
+    for key, low in (("trials", 1), ("max_epochs", 1), ("grace_period", 1), ("reduction_factor", 2), ("folds", 2)):
+        if b[key] < low:
+            raise BadInput(f"--{key.replace('_', '-')} {b[key]}: must be at least {low}")
+    b["grace_period"] = min(b["grace_period"], b["max_epochs"])
+    return b
+
+
+def architectures(task, args) -> dict[str, list[int]]:
+    """The task's {arch: sizes}, narrowed or replaced by --archs / --image-sizes."""
+    sizes = None
+    if args.image_sizes:
+        try:
+            sizes = sorted({int(s) for s in args.image_sizes.split(",") if s.strip()})
+        except ValueError:
+            raise BadInput(f"--image-sizes {args.image_sizes!r}: give integers such as 128,224") from None
+        if not sizes or min(sizes) < 8:
+            raise BadInput(f"--image-sizes {args.image_sizes!r}: sizes must be 8 px or more")
+    names = [a.strip() for a in args.archs.split(",") if a.strip()] if args.archs else list(task.ARCHS)
+    for name in names:
+        check_arch(name)
+    fallback = sorted({s for v in task.ARCHS.values() for s in v})
+    return {name: sizes or task.ARCHS.get(name, fallback) for name in names}
+
+
+# --- data --------------------------------------------------------------------
+
+def prepare(task, args, experiment: str) -> dict:
+    """Load and check the data, write folds/test/experiment.json; returns the trial context."""
+    data = args.data
+    if data is None:
+        if not hasattr(task, "default_data"):
+            raise BadInput(f"task {args.task!r} needs --data (a folder or URI with the images)")
+        data = task.default_data(args.cache_dir)
+    data = storage.absolute(data)
+    dataset = task.load(data)
+    b = budget(task, args)
+
+    train_paths = dataset.train["path"].tolist()
+    test_paths = dataset.test["path"].tolist() if dataset.test is not None else []
+    print(f"checking {len(train_paths) + len(test_paths)} images in {data} ...", flush=True)
+    sizes, bad = scan(train_paths + test_paths)
+    if bad and not args.skip_unreadable:
+        listed = "\n".join(f"  {path}: {why}" for path, why in bad.items())
+        raise BadInput(f"{len(bad)} unreadable image(s); fix or remove them, or pass --skip-unreadable:\n{listed}")
+    if bad:
+        print(f"leaving out {len(bad)} unreadable image(s) (--skip-unreadable); listed in experiment.json")
+    keep = [p not in bad for p in train_paths]
+    train = dataset.train[keep]
+    index, classes = build_index(train.reset_index(drop=True), b["folds"], args.seed)
+    size_of = dict(zip(train_paths + test_paths, sizes))
+    storage.write_parquet(storage.join(experiment, "folds.parquet"), pa.Table.from_pandas(index, preserve_index=False))
+
+    test_key = None
+    if dataset.test is not None:
+        test = dataset.test[[p not in bad for p in test_paths]].reset_index(drop=True)
+        if dataset.submission_order is not None:
+            rank = {s: i for i, s in enumerate(dataset.submission_order)}
+            test = test.sort_values("sample_id", key=lambda s: s.map(rank).fillna(len(rank))).reset_index(drop=True)
+        storage.write_parquet(storage.join(experiment, "test.parquet"),
+                              pa.Table.from_pandas(test[["sample_id", "path"]], preserve_index=False))
+        test_key = fingerprint(test["path"].tolist(), [size_of[p] for p in test["path"]])
+
+    ctx = dict(
+        experiment=experiment, cache_dir=os.path.abspath(args.cache_dir), metric=task.METRIC,
+        data_key=fingerprint(index["path"].tolist(), [size_of[p] for p in index["path"]]),
+        test_key=test_key, num_classes=len(classes), max_epochs=b["max_epochs"],
+        aug_backend=args.aug_backend, weights_dir=args.weights_dir,
+        cpus_per_trial=args.cpus_per_trial, seed=args.seed)
+    storage.write_json(storage.join(experiment, "experiment.json"), dict(
+        task=args.task, data=data, options=vars(args), budget=b, class_names=classes, folds=b["folds"],
+        seed=args.seed, metric=task.METRIC, mode=mode_of(task.METRIC),
+        id_column=dataset.id_column, label_column=dataset.label_column,
+        skipped_unreadable=bad, context=ctx, versions=versions(),
+        created=datetime.datetime.now().isoformat(timespec="seconds")))
+    print(f"{len(index)} training images in {len(classes)} classes, {b['folds']} folds"
+          + (f", {len(test_paths)} test images" if test_paths else ""), flush=True)
+    return ctx
+
+
+def mode_of(metric: str) -> str:
+    return "max" if METRICS[metric][1] else "min"
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for name in ("ray", "optuna", "torch", "timm", "kornia", "albumentations", "pyarrow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+# --- search ------------------------------------------------------------------
+
+def build_tuner(task, args, ctx: dict, b: dict, archs: dict, experiment: str):
+    """The Tuner, OptunaSearch and ASHAScheduler, built together in one place."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from searchspace.progress import Progress
+    from trainer.fit import train_trial
+
+    metric, mode = task.METRIC, mode_of(task.METRIC)
+    # OptunaSearch needs metric and mode itself with a define-by-run space;
+    # ASHA takes them from TuneConfig (giving them to it too is an error).
+    searcher = OptunaSearch(
+        space=functools.partial(task.define_search_space, archs=archs),
+        metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=args.seed))
+    # The limiter also sets how many trials Tune samples ahead; without it
+    # Tune keeps one pending trial and a second slot idles while actors start.
+    searcher = ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent or concurrency(args))
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=b["max_epochs"],
+                              grace_period=b["grace_period"], reduction_factor=b["reduction_factor"])
+    trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx),
+                                    {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+    fs, root = storage.resolve(experiment)
+    parent, name = root.rsplit("/", 1)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
+                                    num_samples=b["trials"], reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=name, storage_path=parent, storage_filesystem=fs, verbose=0,
+            callbacks=[Progress(metric, mode, b["max_epochs"], b["trials"])],
+            # Keep the best epoch for the candidates and the latest to resume from.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
+                                                    checkpoint_score_order=mode),
+            failure_config=tune.FailureConfig(max_failures=args.max_failures)))
+
+
+def concurrency(args) -> int:
+    """Trials that fit the cluster now; 8 when it has none yet (an autoscaler will add nodes)."""
+    import ray
+    free = ray.cluster_resources()
+    slots = free.get("CPU", 0) / max(args.cpus_per_trial, 1e-9)
+    if args.gpus_per_trial:
+        slots = min(slots, free.get("GPU", 0) / args.gpus_per_trial)
+    return int(slots) if slots >= 1 else 8
+
+
+def collect(results, task, experiment: str, max_epochs: int) -> pd.DataFrame:
+    """trials.parquet and candidates/<trial_id>/ from a ResultGrid."""
+    metric, mode = task.METRIC, mode_of(task.METRIC)
+    rows = []
+    for result in results:
+        config = {k: v for k, v in (result.config or {}).items() if not k.startswith("image_size_")}
+        history = result.metrics_dataframe
+        row = {"trial_id": (result.metrics or {}).get("trial_id") or os.path.basename(result.path), **config,
+               "metric": metric, "best_score": None, "best_epoch": None, "epochs_run": 0,
+               "stopped_early": False, "seconds": (result.metrics or {}).get("time_total_s"),
+               "status": "error" if result.error else "ok",
+               "error": str(result.error).strip().splitlines()[-1][:500] if result.error else None,
+               "checkpoint": None}
+        if history is not None and metric in history:
+            best = history[metric].idxmax() if mode == "max" else history[metric].idxmin()
+            row.update(best_score=float(history[metric][best]), best_epoch=int(history["epoch"][best]),
+                       epochs_run=int(history["epoch"].max()))
+            row["stopped_early"] = row["epochs_run"] < max_epochs and not result.error
+        kept = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
+        if kept:
+            ckpt, _ = (max if mode == "max" else min)(kept, key=lambda cm: cm[1][metric])
+            uri = checkpoint_uri(experiment, ckpt.path)
+            row["checkpoint"] = uri
+            write_candidate(experiment, row["trial_id"], [dict(checkpoint=uri, fold=0)],
+                            storage.read_parquet(storage.join(uri, "holdout.parquet")), config)
+        rows.append(row)
+    trials = pd.DataFrame(rows)
+    storage.write_parquet(storage.join(experiment, "trials.parquet"), pa.Table.from_pandas(trials, preserve_index=False))
+    return trials
+
+
+def checkpoint_uri(experiment: str, path_in_fs: str) -> str:
+    """A checkpoint's path inside the storage filesystem -> a location under the experiment."""
+    _, root = storage.resolve(experiment)
+    return storage.join(experiment, path_in_fs[len(root):]) if path_in_fs.startswith(root) else path_in_fs
+
+
+def write_candidate(experiment: str, cid: str, members: list[dict], oof: pa.Table, config: dict,
+                    test: pa.Table | None = None) -> None:
+    base = storage.join(experiment, "candidates", cid)
+    storage.write_parquet(storage.join(base, "oof.parquet"), oof.select(["sample_id", "probs"]))
+    if test is not None:
+        storage.write_parquet(storage.join(base, "test.parquet"), test)
+    storage.write_json(storage.join(base, "members.json"), dict(candidate=cid, config=config, members=members))
+
+
+def leaderboard(trials: pd.DataFrame, metric: str, mode: str, top: int = 15) -> str:
+    ok = trials[trials["best_score"].notna()].sort_values("best_score", ascending=mode == "min")
+    cols = ["trial_id", "arch", "image_size", "optimizer", "lr", "batch_size", "best_score", "best_epoch",
+            "epochs_run", "stopped_early", "seconds"]
+    table = ok[[c for c in cols if c in ok]].head(top).rename(columns={"best_score": metric})
+    failed = trials[trials["status"] == "error"]
+    text = table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    if len(failed):
+        text += "\n" + "\n".join(f"failed {r.trial_id}: {r.error}" for r in failed.itertuples())
+    return text
+
+
+# --- entry point -------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> int:
+    task = get_task(args.task)
+    b = budget(task, args)
+    archs = architectures(task, args)
+    storage_root = storage.absolute(args.storage)
+    name = args.name or f"{args.task}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    experiment = storage.join(storage_root, name)
+    if storage.exists(storage.join(experiment, "trials.parquet")):
+        raise BadInput(f"{experiment}: this experiment already finished its search; choose another --name")
+    ctx = prepare(task, args, experiment)
+
+    # Short trials checkpoint every few seconds by design; Ray warns about that.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    import ray
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}}, log_to_driver=True)
+    print(f"experiment {experiment}: {b['trials']} trials, {', '.join(archs)}; "
+          f"ASHA max {b['max_epochs']} epochs, grace {b['grace_period']}, reduction {b['reduction_factor']}",
+          flush=True)
+    start = time.time()
+    results = build_tuner(task, args, ctx, b, archs, experiment).fit()
+    trials = collect(results, task, experiment, b["max_epochs"])
+    print(f"\nsearch finished in {time.time() - start:.0f} s; leaderboard ({task.METRIC} on fold 0):")
+    print(leaderboard(trials, task.METRIC, mode_of(task.METRIC)))
+    print(f"\nwrote {storage.join(experiment, 'trials.parquet')} and {len(trials)} candidates")
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        return run(parse_args(argv))
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Any class-per-folder tree: DIR/<class>/<image>, or DIR/train/<class>/<image>.
+
+An optional DIR/test/ folder (flat) holds unlabelled test images.
+"""
+from __future__ import annotations
+
+from searchspace.data import Dataset, flat_test, folder_classes, image_files, require_dir
+from searchspace.tasks._space import suggest_augmentation, suggest_loss, suggest_model, suggest_optimiser
+from trainer import storage
+
+METRIC = "accuracy"
+BUDGET = dict(trials=30, max_epochs=10, grace_period=2, reduction_factor=3, folds=5, crossfit_top=4)
+ARCHS = {
+    "resnet50": [224],
+    "convnext_small.fb_in22k": [224],
+    "vit_small_patch16_224": [224],
+    "efficientnet_b0": [224],
+}
+
+
+def define_search_space(trial, archs: dict[str, list[int]] = ARCHS) -> dict:
+    constants = suggest_model(trial, archs)
+    suggest_optimiser(trial, lr=(1e-4, 3e-3), batch_sizes=[32, 64])
+    suggest_loss(trial)
+    suggest_augmentation(trial)
+    return constants
+
+
+def load(data: str) -> Dataset:
+    require_dir(data, "the image folder")
+    root = storage.join(data, "train") if storage.is_dir(storage.join(data, "train")) else data
+    files = [f for f in image_files(root) if not f.startswith("test/")]
+    return Dataset(train=folder_classes(root, files), test=flat_test(storage.join(data, "test")))

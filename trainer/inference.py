@@ -1,0 +1,61 @@
+"""Load a checkpoint safely and predict class probabilities from cached uint8 images."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from trainer import model as models
+from trainer import storage
+
+
+def to_input(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, augment=None) -> torch.Tensor:
+    """uint8 BxHxWx3 (already on the device) -> normalised float Bx3xHxW."""
+    x = batch.permute(0, 3, 1, 2).float().div_(255)
+    if augment is not None:
+        x = augment(x)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
+def norm_stats(model: torch.nn.Module, device) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = model.pretrained_cfg
+    shape = (1, 3, 1, 1)
+    return (torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), device=device).view(shape),
+            torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), device=device).view(shape))
+
+
+@torch.no_grad()
+def predict_probs(model: torch.nn.Module, images: np.ndarray, rows: np.ndarray | None = None,
+                  batch_size: int = 256, tta: bool = False) -> np.ndarray:
+    """Softmax probabilities (N, C) float32; with ``tta`` averaged with the mirror image."""
+    device = next(model.parameters()).device
+    mean, std = norm_stats(model, device)
+    rows = np.arange(len(images)) if rows is None else rows
+    model.eval()
+    out = []
+    for start in range(0, len(rows), batch_size):
+        batch = torch.from_numpy(np.asarray(images[rows[start:start + batch_size]])).to(device)
+        x = to_input(batch, mean, std)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            p = model(x).float().softmax(1)
+            if tta:
+                p = (p + model(x.flip(3)).float().softmax(1)) / 2
+        out.append(p.cpu().numpy())
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
+
+
+def save_weights(model: torch.nn.Module, path: str) -> None:
+    torch.save(model.state_dict(), path)
+
+
+def load_model(checkpoint: str, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """A checkpoint folder (local or URI) -> (model in eval mode, its config)."""
+    config = storage.read_json(storage.join(checkpoint, "config.json"))
+    model = models.create(config["arch"], config["num_classes"], config["image_size"])
+    # weights_only: a checkpoint from a bucket must not be able to run code.
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(checkpoint, "model.pt"))),
+                       map_location=device, weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval(), config

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -22,6 +23,7 @@ from searchspace.tasks import TASKS, get_task
 from trainer import storage
 from trainer.cache import default_cache_dir, fingerprint
 from trainer.errors import BadInput
+from trainer.fit import probs_table
 from trainer.images import scan
 from trainer.metrics import METRICS
 from trainer.model import check_arch
@@ -56,6 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-unreadable", action="store_true",
                    help="leave unreadable images out (recorded in experiment.json) instead of stopping")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial, from its last checkpoint")
+    p.add_argument("--crossfit-top", type=int,
+                   help="cross-fit this many of the best configs over all K folds (default: the task's; 0: skip)")
+    p.add_argument("--crossfit-only", action="store_true",
+                   help="only cross-fit an existing experiment (--experiment); finished folds are kept")
+    p.add_argument("--experiment", help="an existing experiment folder or URI, for --crossfit-only")
+    p.add_argument("--no-tta", action="store_true", help="predict the test set without horizontal-flip TTA")
     return p.parse_args(argv)
 
 
@@ -269,10 +277,116 @@ def leaderboard(trials: pd.DataFrame, metric: str, mode: str, top: int = 15) -> 
     return text
 
 
+# --- cross-fit -----------------------------------------------------------------
+
+def crossfit_jobs(trials: pd.DataFrame, experiment: str, top: int, folds: int, mode: str) -> tuple[list[str], list[dict]]:
+    """The top configs' candidate ids, and a job for every fold not yet done."""
+    ranked = trials[trials["checkpoint"].notna()].sort_values("best_score", ascending=mode == "min").head(top)
+    cids, jobs = [], []
+    for row in ranked.itertuples():
+        cid = f"cv-{row.trial_id}"
+        cids.append(cid)
+        config = storage.read_json(storage.join(experiment, "candidates", row.trial_id, "members.json"))["config"]
+        for fold in range(folds):
+            if storage.exists(storage.join(experiment, "candidates", cid, "folds", str(fold), "done.json")):
+                continue
+            job = {**config, "fold": fold, "epochs": int(row.best_epoch), "candidate": cid}
+            if fold == 0:  # fold 0 is the search trial itself: reuse its best checkpoint
+                job["from_checkpoint"] = row.checkpoint
+            jobs.append(job)
+    return cids, jobs
+
+
+def build_crossfit_tuner(args, ctx: dict, jobs: list[dict], experiment: str):
+    """Every fold job as one Tune trial (no early stopping), spread like the search."""
+    from ray import tune
+
+    from trainer.fit import train_trial
+
+    trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx),
+                                    {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+    fs, root = storage.resolve(experiment)
+    return tune.Tuner(
+        trainable, param_space={"job": tune.grid_search(jobs)},
+        tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=args.max_concurrent or None),
+        run_config=tune.RunConfig(
+            name=f"crossfit-{datetime.datetime.now():%Y%m%d-%H%M%S}", storage_path=root, storage_filesystem=fs,
+            verbose=0, checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=args.max_failures)))
+
+
+def assemble(experiment: str, cid: str, index: pd.DataFrame, folds: int) -> bool:
+    """candidates/<cid>/{oof,test}.parquet and members.json from its finished folds."""
+    base = storage.join(experiment, "candidates", cid)
+    done = [storage.join(base, "folds", str(k)) for k in range(folds)]
+    if not all(storage.exists(storage.join(d, "done.json")) for d in done):
+        return False
+    oof = pa.concat_tables([storage.read_parquet(storage.join(d, "holdout.parquet")) for d in done])
+    ids = oof.column("sample_id").to_pylist()
+    if sorted(ids) != sorted(index["sample_id"]):
+        raise RuntimeError(f"{cid}: out-of-fold predictions do not cover every training sample exactly once")
+    test = None
+    if storage.exists(storage.join(done[0], "test.parquet")):
+        parts = [storage.read_parquet(storage.join(d, "test.parquet")) for d in done]
+        mean = np.mean([np.stack(t.column("probs").to_numpy(zero_copy_only=False)) for t in parts], axis=0)
+        test = probs_table(parts[0].column("sample_id").to_pylist(), mean)
+    members = [storage.read_json(storage.join(d, "done.json")) for d in done]
+    source = storage.read_json(storage.join(experiment, "candidates", cid.removeprefix("cv-"), "members.json"))
+    write_candidate(experiment, cid, members, oof, source["config"], test)
+    return True
+
+
+def crossfit(args, experiment: str) -> int:
+    meta = storage.read_json(storage.join(experiment, "experiment.json"))
+    trials = storage.read_parquet(storage.join(experiment, "trials.parquet")).to_pandas()
+    index = storage.read_parquet(storage.join(experiment, "folds.parquet")).to_pandas()
+    top = args.crossfit_top if args.crossfit_top is not None else meta["budget"].get("crossfit_top", 0)
+    if top <= 0:
+        return 0
+    ctx = {**meta["context"], "tta": not args.no_tta, "cpus_per_trial": args.cpus_per_trial}
+    cids, jobs = crossfit_jobs(trials, experiment, top, meta["folds"], meta["mode"])
+    if not cids:
+        print("cross-fit: no trial has a checkpoint; nothing to cross-fit")
+        return 0
+    print(f"\ncross-fit: {len(cids)} config(s) x {meta['folds']} folds; {len(jobs)} fold job(s) to run "
+          f"({len(cids) * meta['folds'] - len(jobs)} already done)", flush=True)
+    if jobs:
+        start = time.time()
+        results = build_crossfit_tuner(args, ctx, jobs, experiment).fit()
+        failed = [r for r in results if r.error]
+        print(f"cross-fit ran {len(jobs)} job(s) in {time.time() - start:.0f} s"
+              + (f", {len(failed)} failed (run --crossfit-only again to retry them)" if failed else ""))
+    complete = [cid for cid in cids if assemble(experiment, cid, index, meta["folds"])]
+    for cid in complete:
+        oof = storage.read_parquet(storage.join(experiment, "candidates", cid, "oof.parquet"))
+        probs = np.stack(oof.column("probs").to_numpy(zero_copy_only=False))
+        y = index.set_index("sample_id").loc[oof.column("sample_id").to_pylist(), "label"].to_numpy()
+        score = METRICS[meta["metric"]][0](y, probs)
+        print(f"  {cid}: out-of-fold {meta['metric']} {score:.4f} over {len(y)} images")
+    print(f"cross-fit: {len(complete)}/{len(cids)} config(s) complete in {storage.join(experiment, 'candidates')}")
+    return 0 if len(complete) == len(cids) else 1
+
+
 # --- entry point -------------------------------------------------------------
+
+def start_ray() -> None:
+    # Short trials checkpoint every few seconds by design; Ray warns about that.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    import ray
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}}, log_to_driver=True)
+
 
 def run(args: argparse.Namespace) -> int:
     task = get_task(args.task)
+    if args.crossfit_only:
+        if not args.experiment:
+            raise BadInput("--crossfit-only needs --experiment (the experiment folder or URI)")
+        experiment = storage.absolute(args.experiment)
+        if not storage.exists(storage.join(experiment, "trials.parquet")):
+            raise BadInput(f"{experiment}: no trials.parquet; run the search first")
+        start_ray()
+        return crossfit(args, experiment)
     b = budget(task, args)
     archs = architectures(task, args)
     storage_root = storage.absolute(args.storage)
@@ -282,11 +396,7 @@ def run(args: argparse.Namespace) -> int:
         raise BadInput(f"{experiment}: this experiment already finished its search; choose another --name")
     ctx = prepare(task, args, experiment)
 
-    # Short trials checkpoint every few seconds by design; Ray warns about that.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    import ray
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}}, log_to_driver=True)
+    start_ray()
     print(f"experiment {experiment}: {b['trials']} trials, {', '.join(archs)}; "
           f"ASHA max {b['max_epochs']} epochs, grace {b['grace_period']}, reduction {b['reduction_factor']}",
           flush=True)
@@ -296,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nsearch finished in {time.time() - start:.0f} s; leaderboard ({task.METRIC} on fold 0):")
     print(leaderboard(trials, task.METRIC, mode_of(task.METRIC)))
     print(f"\nwrote {storage.join(experiment, 'trials.parquet')} and {len(trials)} candidates")
-    return 0
+    return crossfit(args, experiment)
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,7 @@ resume, epochs.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -17,7 +18,6 @@ import tempfile
 import time
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
@@ -100,7 +100,9 @@ def train_trial(config: dict, ctx: dict) -> None:
         generator=torch.Generator().manual_seed(seed))
 
     # --- model, loss, optimiser, schedule
-    model = create(hp["arch"], num_classes, size, pretrained=bool(hp.get("pretrained", False)),
+    # (A fold-0 cross-fit job loads the search trial's weights: no download.)
+    pretrained = bool(hp.get("pretrained", False)) and not hp.get("from_checkpoint")
+    model = create(hp["arch"], num_classes, size, pretrained=pretrained,
                    weights_dir=ctx.get("weights_dir"), freeze_fraction=float(hp.get("freeze_fraction", 0)))
     model = model.to(device)
     if device.type == "cuda":
@@ -125,10 +127,15 @@ def train_trial(config: dict, ctx: dict) -> None:
                dtype=torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16)
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and amp["dtype"] == torch.float16)
 
-    # --- resume: a restarted trial continues from its last checkpoint
+    # --- resume: a restarted trial continues from its last checkpoint; a
+    # cross-fit job for fold 0 starts from the search trial's own checkpoint
     start_epoch = 0
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
+    if hp.get("from_checkpoint") and checkpoint is None:
+        model.load_state_dict(torch.load(io.BytesIO(storage.read_bytes(
+            storage.join(hp["from_checkpoint"], "model.pt"))), map_location=device, weights_only=True))
+        start_epoch = epochs
+    elif checkpoint is not None:
         with checkpoint.as_directory() as d:
             model.load_state_dict(torch.load(os.path.join(d, "model.pt"), map_location=device, weights_only=True))
             state = torch.load(os.path.join(d, "train_state.pt"), map_location=device, weights_only=True)
@@ -167,6 +174,8 @@ def train_trial(config: dict, ctx: dict) -> None:
         metrics = {metric_name: metric_fn(y_hold, probs), "val_loss": log_loss(y_hold, probs),
                    "train_loss": loss_sum / max(1, seen), "epoch": epoch + 1,
                    "images_per_s": images_per_s, "fold": fold}
+        if epoch + 1 == epochs and hp.get("candidate"):
+            write_fold(ctx, hp, model, resolved, index["sample_id"].to_numpy()[hold_rows], probs)
         with tempfile.TemporaryDirectory() as d:
             save_weights(model, os.path.join(d, "model.pt"))
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -176,3 +185,35 @@ def train_trial(config: dict, ctx: dict) -> None:
             storage.write_parquet(os.path.join(d, "holdout.parquet"),
                                   probs_table(index["sample_id"].to_numpy()[hold_rows], probs))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    if start_epoch == epochs and hp.get("from_checkpoint"):
+        probs = predict_probs(model, images, hold_rows)
+        write_fold(ctx, hp, model, resolved, index["sample_id"].to_numpy()[hold_rows], probs)
+        y_hold = labels[hold_rows]
+        tune.report({metric_name: metric_fn(y_hold, probs), "val_loss": log_loss(y_hold, probs),
+                     "epoch": epochs, "fold": fold})
+
+
+def write_fold(ctx: dict, hp: dict, model: torch.nn.Module, resolved: dict, hold_ids, hold_probs) -> None:
+    """A cross-fit fold's record: its model, holdout and test predictions, then done.json.
+
+    Written by the job itself into the experiment (not Ray's trial folder), so
+    a resumed cross-fit can tell finished folds by done.json alone.
+    """
+    base = storage.join(ctx["experiment"], "candidates", hp["candidate"], "folds", str(resolved["fold"]))
+    checkpoint = hp.get("from_checkpoint")
+    if not checkpoint:
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        storage.write_bytes(storage.join(base, "model.pt"), buf.getvalue())
+        storage.write_json(storage.join(base, "config.json"), resolved)
+        checkpoint = base
+    storage.write_parquet(storage.join(base, "holdout.parquet"), probs_table(hold_ids, hold_probs))
+    if ctx.get("test_key"):
+        test = storage.read_parquet(storage.join(ctx["experiment"], "test.parquet")).to_pandas()
+        test_images = cached_images(test["path"].tolist(), ctx["test_key"], resolved["image_size"],
+                                    resolved["resize_mode"], ctx["cache_dir"], workers=int(ctx.get("cpus_per_trial", 1)))
+        probs = predict_probs(model, test_images, tta=ctx.get("tta", True))
+        storage.write_parquet(storage.join(base, "test.parquet"), probs_table(test["sample_id"], probs))
+    storage.write_json(storage.join(base, "done.json"), dict(checkpoint=checkpoint, fold=resolved["fold"],
+                                                             epochs=resolved["epochs"]))

@@ -29,6 +29,7 @@ from trainer.metrics import METRICS
 from trainer.model import check_arch
 
 DEFAULT_RUNS = "runs"
+STUDY_FILE = "optuna_journal.log"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only cross-fit an existing experiment (--experiment); finished folds are kept")
     p.add_argument("--experiment", help="an existing experiment folder or URI, for --crossfit-only")
     p.add_argument("--no-tta", action="store_true", help="predict the test set without horizontal-flip TTA")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted search --name (Tuner.restore keeps the Optuna state), then cross-fit")
     return p.parse_args(argv)
 
 
@@ -100,7 +103,7 @@ def architectures(task, args) -> dict[str, list[int]]:
 
 # --- data --------------------------------------------------------------------
 
-def prepare(task, args, experiment: str) -> dict:
+def prepare(task, args, b: dict, experiment: str) -> dict:
     """Load and check the data, write folds/test/experiment.json; returns the trial context."""
     data = args.data
     if data is None:
@@ -109,7 +112,6 @@ def prepare(task, args, experiment: str) -> dict:
         data = task.default_data(args.cache_dir)
     data = storage.absolute(data)
     dataset = task.load(data)
-    b = budget(task, args)
 
     train_paths = dataset.train["path"].tolist()
     test_paths = dataset.test["path"].tolist() if dataset.test is not None else []
@@ -179,25 +181,25 @@ def build_tuner(task, args, ctx: dict, b: dict, archs: dict, experiment: str):
     from ray.tune.search.optuna import OptunaSearch
 
     from searchspace.progress import Progress
-    from trainer.fit import train_trial
 
     metric, mode = task.METRIC, mode_of(task.METRIC)
+    fs, root = storage.resolve(experiment)
+    parent, name = root.rsplit("/", 1)
     # OptunaSearch needs metric and mode itself with a define-by-run space;
     # ASHA takes them from TuneConfig (giving them to it too is an error).
+    # The study lives in a journal file that optuna-dashboard opens.
+    journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(study_file(experiment, args)))
     searcher = OptunaSearch(
         space=functools.partial(task.define_search_space, archs=archs),
-        metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=args.seed))
+        metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=args.seed),
+        study_name=name, storage=journal)
     # The limiter also sets how many trials Tune samples ahead; without it
     # Tune keeps one pending trial and a second slot idles while actors start.
     searcher = ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent or concurrency(args))
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=b["max_epochs"],
                               grace_period=b["grace_period"], reduction_factor=b["reduction_factor"])
-    trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx),
-                                    {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
-    fs, root = storage.resolve(experiment)
-    parent, name = root.rsplit("/", 1)
     return tune.Tuner(
-        trainable,
+        trainable(args, ctx),
         tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
                                     num_samples=b["trials"], reuse_actors=True),
         run_config=tune.RunConfig(
@@ -207,6 +209,23 @@ def build_tuner(task, args, ctx: dict, b: dict, archs: dict, experiment: str):
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
                                                     checkpoint_score_order=mode),
             failure_config=tune.FailureConfig(max_failures=args.max_failures)))
+
+
+def trainable(args, ctx: dict):
+    from ray import tune
+
+    from trainer.fit import train_trial
+    return tune.with_resources(tune.with_parameters(train_trial, ctx=ctx),
+                               {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+
+
+def study_file(experiment: str, args) -> str:
+    """The Optuna journal: in the experiment when local, else on this disk until the search ends."""
+    if not storage.is_uri(experiment):
+        os.makedirs(experiment, exist_ok=True)
+        return os.path.join(experiment, STUDY_FILE)
+    os.makedirs(os.path.join(args.cache_dir, "studies"), exist_ok=True)
+    return os.path.join(args.cache_dir, "studies", storage.resolve(experiment)[1].rsplit("/", 1)[-1] + ".log")
 
 
 def concurrency(args) -> int:
@@ -301,13 +320,9 @@ def build_crossfit_tuner(args, ctx: dict, jobs: list[dict], experiment: str):
     """Every fold job as one Tune trial (no early stopping), spread like the search."""
     from ray import tune
 
-    from trainer.fit import train_trial
-
-    trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx),
-                                    {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
     fs, root = storage.resolve(experiment)
     return tune.Tuner(
-        trainable, param_space={"job": tune.grid_search(jobs)},
+        trainable(args, ctx), param_space={"job": tune.grid_search(jobs)},
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=args.max_concurrent or None),
         run_config=tune.RunConfig(
             name=f"crossfit-{datetime.datetime.now():%Y%m%d-%H%M%S}", storage_path=root, storage_filesystem=fs,
@@ -390,11 +405,15 @@ def run(args: argparse.Namespace) -> int:
     b = budget(task, args)
     archs = architectures(task, args)
     storage_root = storage.absolute(args.storage)
+    if args.resume:
+        if not args.name:
+            raise BadInput("--resume needs --name (the experiment to continue) and the same --storage")
+        return resume(task, args, storage.join(storage_root, args.name))
     name = args.name or f"{args.task}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     experiment = storage.join(storage_root, name)
-    if storage.exists(storage.join(experiment, "trials.parquet")):
-        raise BadInput(f"{experiment}: this experiment already finished its search; choose another --name")
-    ctx = prepare(task, args, experiment)
+    if storage.exists(storage.join(experiment, "experiment.json")):
+        raise BadInput(f"{experiment}: already exists; pass --resume to continue it, or choose another --name")
+    ctx = prepare(task, args, b, experiment)
 
     start_ray()
     print(f"experiment {experiment}: {b['trials']} trials, {', '.join(archs)}; "
@@ -402,10 +421,43 @@ def run(args: argparse.Namespace) -> int:
           flush=True)
     start = time.time()
     results = build_tuner(task, args, ctx, b, archs, experiment).fit()
-    trials = collect(results, task, experiment, b["max_epochs"])
+    return finish(task, args, experiment, results, b["max_epochs"], start)
+
+
+def resume(task, args, experiment: str) -> int:
+    """Continue an interrupted search: finished trials stay, unfinished ones resume from checkpoints."""
+    from ray import tune
+
+    if not storage.exists(storage.join(experiment, "experiment.json")):
+        raise BadInput(f"{experiment}: no experiment to resume; check --name and --storage")
+    meta = storage.read_json(storage.join(experiment, "experiment.json"))
+    if meta["task"] != args.task:
+        raise BadInput(f"{experiment}: is a {meta['task']!r} experiment, not {args.task!r}")
+    if storage.exists(storage.join(experiment, "trials.parquet")):
+        print(f"{experiment}: the search had finished; going on with the cross-fit")
+        start_ray()
+        return crossfit(args, experiment)
+    fs, root = storage.resolve(experiment)
+    if not tune.Tuner.can_restore(root, storage_filesystem=fs):
+        raise BadInput(f"{experiment}: the search never started (no Ray Tune state); start it again without --resume")
+    start_ray()
+    print(f"resuming {experiment}", flush=True)
+    start = time.time()
+    tuner = tune.Tuner.restore(root, trainable(args, meta["context"]), resume_unfinished=True,
+                               resume_errored=True, storage_filesystem=fs)
+    return finish(task, args, experiment, tuner.fit(), meta["budget"]["max_epochs"], start)
+
+
+def finish(task, args, experiment: str, results, max_epochs: int, start: float) -> int:
+    """After the search: trials.parquet, candidates, the leaderboard, then the cross-fit."""
+    trials = collect(results, task, experiment, max_epochs)
+    if storage.is_uri(experiment) and os.path.exists(study_file(experiment, args)):
+        with open(study_file(experiment, args), "rb") as f:
+            storage.write_bytes(storage.join(experiment, STUDY_FILE), f.read())
     print(f"\nsearch finished in {time.time() - start:.0f} s; leaderboard ({task.METRIC} on fold 0):")
     print(leaderboard(trials, task.METRIC, mode_of(task.METRIC)))
-    print(f"\nwrote {storage.join(experiment, 'trials.parquet')} and {len(trials)} candidates")
+    print(f"\nwrote {storage.join(experiment, 'trials.parquet')} and "
+          f"{int(trials['checkpoint'].notna().sum())} candidates")
     return crossfit(args, experiment)
 
 

@@ -12,6 +12,7 @@ class Progress(Callback):
         self.every_s, self.start, self.last = every_s, time.time(), 0.0
         self.best: tuple[float, str] | None = None
         self.early: set[str] = set()
+        self.finished: set[str] = set()
 
     def _better(self, value: float) -> bool:
         return self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
@@ -25,6 +26,8 @@ class Progress(Callback):
             self._print(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        # Called before Tune marks the trial terminated: count it ourselves.
+        self.finished.add(trial.trial_id)
         epochs = (trial.last_result or {}).get("epoch", 0)
         if epochs < self.max_epochs:
             self.early.add(trial.trial_id)
@@ -40,7 +43,8 @@ class Progress(Callback):
     def _print(self, trials) -> None:
         self.last = time.time()
         status = [t.status for t in trials]
-        done = status.count("TERMINATED")
+        done = len(self.finished | {t.trial_id for t in trials if t.status == "TERMINATED"})
         best = f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else "no result yet"
-        print(f"[{time.time() - self.start:5.0f}s] {status.count('RUNNING')} running, {done}/{self.total} finished "
+        running = sum(t.status == "RUNNING" and t.trial_id not in self.finished for t in trials)
+        print(f"[{time.time() - self.start:5.0f}s] {running} running, {done}/{self.total} finished "
               f"({len(self.early)} stopped early), {status.count('ERROR')} failed | {best}", flush=True)

@@ -143,6 +143,7 @@ def prepare(task, args, b: dict, experiment: str) -> dict:
         data_key=fingerprint(index["path"].tolist(), [size_of[p] for p in index["path"]]),
         test_key=test_key, num_classes=len(classes), max_epochs=b["max_epochs"],
         aug_backend=args.aug_backend, weights_dir=args.weights_dir,
+        tta=getattr(task, "FLIP_TTA", True) and not args.no_tta,
         cpus_per_trial=args.cpus_per_trial, seed=args.seed)
     storage.write_json(storage.join(experiment, "experiment.json"), dict(
         task=args.task, data=data, options=vars(args), budget=b, class_names=classes, folds=b["folds"],
@@ -358,7 +359,8 @@ def crossfit(args, experiment: str) -> int:
     top = args.crossfit_top if args.crossfit_top is not None else meta["budget"].get("crossfit_top", 0)
     if top <= 0:
         return 0
-    ctx = {**meta["context"], "tta": not args.no_tta, "cpus_per_trial": args.cpus_per_trial}
+    ctx = {**meta["context"], "cpus_per_trial": args.cpus_per_trial}
+    ctx["tta"] = ctx.get("tta", True) and not args.no_tta
     cids, jobs = crossfit_jobs(trials, experiment, top, meta["folds"], meta["mode"])
     if not cids:
         print("cross-fit: no trial has a checkpoint; nothing to cross-fit")

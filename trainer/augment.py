@@ -45,8 +45,8 @@ JPEG_QUALITY = (60, 100)     # the DFDC recipe in the seeds
 RATIO = (3 / 4, 4 / 3)
 
 
-def albumentations_pipeline(p: AugPolicy):
-    """uint8 HxWx3 in, uint8 HxWx3 out."""
+def albumentations_pipeline(p: AugPolicy, seed: int | None = None):
+    """uint8 HxWx3 in, uint8 HxWx3 out; ``seed`` makes it repeatable (per loader worker)."""
     import albumentations as A
 
     steps = [A.RandomResizedCrop(size=(p.size, p.size), scale=(p.scale_min, 1.0), ratio=RATIO)]
@@ -67,7 +67,7 @@ def albumentations_pipeline(p: AugPolicy):
         steps.append(A.GaussianBlur(blur_limit=(3, 5), sigma_limit=BLUR_SIGMA, p=p.blur))
     if p.jpeg:
         steps.append(A.ImageCompression(quality_range=JPEG_QUALITY, p=p.jpeg))
-    return A.Compose(steps)
+    return A.Compose(steps, seed=seed)
 
 
 def kornia_pipeline(p: AugPolicy) -> torch.nn.Module:

@@ -41,8 +41,8 @@ class CachedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         img = self.images[self.rows[i]]
-        if self.transform is not None:
-            img = self.transform(image=img)["image"]
+        # The cache is mapped read-only: augmenting or copying gives torch its own array.
+        img = self.transform(image=img)["image"] if self.transform is not None else np.array(img)
         return torch.from_numpy(np.ascontiguousarray(img)), int(self.labels[self.rows[i]])
 
 
@@ -51,6 +51,12 @@ def probs_table(sample_ids, probs: np.ndarray) -> pa.Table:
     flat = pa.array(np.ascontiguousarray(probs, np.float32).ravel(), pa.float32())
     return pa.table({"sample_id": pa.array([str(s) for s in sample_ids], pa.string()),
                      "probs": pa.FixedSizeListArray.from_arrays(flat, probs.shape[1])})
+
+
+def node_cache_dir(ctx: dict) -> str:
+    """This node's image cache: SEARCHSPACE_CACHE_DIR in the node's environment (say, a
+    local NVMe disk set in cluster.yaml) wins over the driver's --cache-dir."""
+    return os.environ.get("SEARCHSPACE_CACHE_DIR") or ctx["cache_dir"]
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -63,6 +69,7 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 
 def train_trial(config: dict, ctx: dict) -> None:
+    import ray
     from ray import tune
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint otherwise
@@ -79,7 +86,7 @@ def train_trial(config: dict, ctx: dict) -> None:
     index = storage.read_parquet(storage.join(ctx["experiment"], "folds.parquet")).to_pandas()
     size, mode = int(hp["image_size"]), hp.get("resize_mode", "squish")
     images = cached_images(index["path"].tolist(), ctx["data_key"], size, mode,
-                           ctx["cache_dir"], workers=cpus)
+                           node_cache_dir(ctx), workers=os.cpu_count() or 1)
     labels = index["label"].to_numpy()
     num_classes = int(ctx["num_classes"])
     train_rows = np.flatnonzero(index["fold"].to_numpy() != fold)
@@ -91,7 +98,7 @@ def train_trial(config: dict, ctx: dict) -> None:
     policy = AugPolicy.from_config(hp)
     on_device_aug = kornia_pipeline(policy).to(device) if backend == "kornia" else None
     dataset = CachedImages(images, train_rows, labels,
-                           albumentations_pipeline(policy) if backend == "albumentations" else None)
+                           albumentations_pipeline(policy, seed) if backend == "albumentations" else None)
     batch_size = min(int(hp.get("batch_size", 64)), len(train_rows))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=True, drop_last=True,
@@ -143,6 +150,7 @@ def train_trial(config: dict, ctx: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"])
 
+    node_id = ray.get_runtime_context().get_node_id()
     metric_name = ctx["metric"]
     metric_fn = METRICS[metric_name][0]
     resolved = {**hp, "fold": fold, "epochs": epochs, "num_classes": num_classes, "image_size": size,
@@ -173,7 +181,7 @@ def train_trial(config: dict, ctx: dict) -> None:
         y_hold = labels[hold_rows]
         metrics = {metric_name: metric_fn(y_hold, probs), "val_loss": log_loss(y_hold, probs),
                    "train_loss": loss_sum / max(1, seen), "epoch": epoch + 1,
-                   "images_per_s": images_per_s, "fold": fold}
+                   "images_per_s": images_per_s, "fold": fold, "node_id": node_id}
         if epoch + 1 == epochs and hp.get("candidate"):
             write_fold(ctx, hp, model, resolved, index["sample_id"].to_numpy()[hold_rows], probs)
         with tempfile.TemporaryDirectory() as d:
@@ -212,7 +220,7 @@ def write_fold(ctx: dict, hp: dict, model: torch.nn.Module, resolved: dict, hold
     if ctx.get("test_key"):
         test = storage.read_parquet(storage.join(ctx["experiment"], "test.parquet")).to_pandas()
         test_images = cached_images(test["path"].tolist(), ctx["test_key"], resolved["image_size"],
-                                    resolved["resize_mode"], ctx["cache_dir"], workers=int(ctx.get("cpus_per_trial", 1)))
+                                    resolved["resize_mode"], node_cache_dir(ctx), workers=os.cpu_count() or 1)
         probs = predict_probs(model, test_images, tta=ctx.get("tta", True))
         storage.write_parquet(storage.join(base, "test.parquet"), probs_table(test["sample_id"], probs))
     storage.write_json(storage.join(base, "done.json"), dict(checkpoint=checkpoint, fold=resolved["fold"],

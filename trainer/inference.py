@@ -12,10 +12,12 @@ from trainer import storage
 
 def to_input(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, augment=None) -> torch.Tensor:
     """uint8 BxHxWx3 (already on the device) -> normalised float Bx3xHxW."""
-    x = batch.permute(0, 3, 1, 2).float().div_(255)
+    x = batch.permute(0, 3, 1, 2).float()
     if augment is not None:
-        x = augment(x)
-    x = (x - mean) / std
+        x = augment(x.div_(255)).sub_(mean).div_(std)
+    else:
+        # One fused pass: (x / 255 - mean) / std, in place.
+        x = x.mul_(1 / (255 * std)).sub_(mean / std)
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 

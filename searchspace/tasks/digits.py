@@ -29,6 +29,7 @@ ARCHS = {
     "mobilenetv3_small_050": [32],
 }
 VERSION = "v1"
+FLIP_TTA = False  # a mirrored digit is another glyph
 
 
 def define_search_space(trial, archs: dict[str, list[int]] = ARCHS) -> dict:

@@ -45,6 +45,8 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), location
     base, _, query = location.partition("?")
     scheme, rest = base.split("://", 1)
+    if scheme == "file":
+        return pafs.LocalFileSystem(), rest
     bucket = rest.split("/", 1)[0]
     # One filesystem object per bucket and options, not per file.
     fs = _filesystem(f"{scheme}://{bucket}" + (f"?{query}" if query else ""))

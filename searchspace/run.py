@@ -152,7 +152,7 @@ def prepare(task, args, b: dict, experiment: str) -> dict:
         skipped_unreadable=bad, context=ctx, versions=versions(),
         created=datetime.datetime.now().isoformat(timespec="seconds")))
     print(f"{len(index)} training images in {len(classes)} classes, {b['folds']} folds"
-          + (f", {len(test_paths)} test images" if test_paths else ""), flush=True)
+          + (f", {len(test)} test images" if dataset.test is not None else ""), flush=True)
     return ctx
 
 
@@ -453,6 +453,10 @@ def resume(task, args, experiment: str) -> int:
 def finish(task, args, experiment: str, results, max_epochs: int, start: float) -> int:
     """After the search: trials.parquet, candidates, the leaderboard, then the cross-fit."""
     trials = collect(results, task, experiment, max_epochs)
+    if trials["checkpoint"].isna().all():
+        print(f"\nevery trial failed; nothing to cross-fit. First error: {trials['error'].dropna().iloc[0] if trials['error'].notna().any() else 'unknown'}",
+              file=sys.stderr)
+        return 1
     if storage.is_uri(experiment) and os.path.exists(study_file(experiment, args)):
         with open(study_file(experiment, args), "rb") as f:
             storage.write_bytes(storage.join(experiment, STUDY_FILE), f.read())

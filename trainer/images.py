@@ -21,7 +21,12 @@ def decode_rgb(data: bytes, name: str = "image") -> np.ndarray:
     # 16-bit so that we scale it rather than let OpenCV clip it.
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
     if img is None:
-        raise ValueError(f"{name}: not a readable image")
+        # Formats OpenCV lacks (TGA, ICO, PCX, ...) but the scan's Pillow reads:
+        # what the scan lets through, training must decode.
+        try:
+            return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        except Exception:
+            raise ValueError(f"{name}: not a readable image") from None
     if img.dtype == np.uint16:
         img = (img.astype(np.uint32) * 255 // 65535).astype(np.uint8)
     elif img.dtype != np.uint8:

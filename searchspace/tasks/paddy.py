@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from searchspace.data import Dataset, image_files, match_ids, read_csv, require_dir, flat_test
+from searchspace.data import Dataset, flat_test, image_files, match_ids, read_csv, require_dir, safe_relative
 from searchspace.tasks._space import suggest_augmentation, suggest_loss, suggest_model, suggest_optimiser
 from trainer import storage
 
@@ -41,7 +41,7 @@ def load(data: str) -> Dataset:
     df = read_csv(csv, ["image_id", "label", "variety", "age"])
     root = storage.join(data, "train_images")
     require_dir(root, "train_images/ (train_images/<label>/<image_id>)")
-    ids = [f"{label}/{image_id}" for image_id, label in zip(df["image_id"], df["label"])]
+    ids = [f"{label}/{safe_relative(image_id, csv)}" for image_id, label in zip(df["image_id"], df["label"])]
     paths = match_ids(ids, root, image_files(root), csv)
     train = pd.DataFrame({"sample_id": df["image_id"], "path": paths, "label": df["label"]})
     test = flat_test(storage.join(data, "test_images"))

@@ -1,0 +1,1 @@
+"""Ensemble building from candidate models' out-of-fold probabilities."""

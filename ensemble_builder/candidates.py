@@ -1,0 +1,107 @@
+"""Read an experiment's candidates: out-of-fold probabilities aligned by sample_id."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from trainer import storage
+from trainer.errors import BadInput
+
+
+@dataclass
+class Candidates:
+    experiment: str
+    meta: dict                 # experiment.json
+    ids: list[str]             # candidate ids, in the order of P's first axis
+    sample_ids: list[str]      # the samples every candidate predicted, in P's second axis
+    y: np.ndarray              # (n,) true labels
+    P: np.ndarray              # (m, n, C) out-of-fold probabilities
+    full_coverage: bool        # cross-fitted (every training sample) or holdout fold only
+    configs: dict[str, dict]   # candidate id -> its config (members.json)
+    left_out: list[str]        # candidates whose sample set differs from the one used
+
+
+def newest_experiment(runs: str) -> str:
+    """The most recently created experiment (by experiment.json) under a runs folder."""
+    found = []
+    if storage.is_dir(runs):
+        for rel, _ in storage.list_files(runs):
+            parts = rel.split("/")
+            if len(parts) == 2 and parts[1] == "experiment.json":
+                location = storage.join(runs, parts[0])
+                found.append((storage.read_json(storage.join(location, "experiment.json")).get("created", ""), location))
+    if not found:
+        raise BadInput(f"{runs}: no experiment found; run `python -m searchspace.run TASK` first or pass --experiment")
+    return max(found)[1]
+
+
+def probs_matrix(table, location: str) -> np.ndarray:
+    """The probs column as an (n, C) float32 array, checked for NaN and rows summing to 1."""
+    probs = table.column("probs")
+    P = np.stack(probs.to_numpy(zero_copy_only=False)).astype(np.float32) if len(probs) else np.zeros((0, 0), np.float32)
+    if not np.isfinite(P).all():
+        raise BadInput(f"{location}: probabilities contain NaN or infinity; re-run this candidate or delete it")
+    sums = P.sum(axis=1)
+    if len(P) and np.abs(sums - 1).max() > 1e-3:
+        worst = int(np.abs(sums - 1).argmax())
+        raise BadInput(f"{location}: probability rows must sum to 1 (row {worst} sums to {sums[worst]:.4f}); "
+                       "re-run this candidate or delete it")
+    return P
+
+
+def load(experiment: str) -> Candidates:
+    meta_path = storage.join(experiment, "experiment.json")
+    if not storage.exists(meta_path):
+        raise BadInput(f"{experiment}: not an experiment (no experiment.json); check --experiment")
+    meta = storage.read_json(meta_path)
+    n_classes = len(meta["class_names"])
+    index = storage.read_parquet(storage.join(experiment, "folds.parquet")).to_pandas()
+    root = storage.join(experiment, "candidates")
+    names = sorted({rel.split("/")[0] for rel, _ in storage.list_files(root) if rel.endswith("/oof.parquet")
+                    and rel.count("/") == 1}) if storage.is_dir(root) else []
+    if not names:
+        raise BadInput(f"{experiment}: no candidates (candidates/*/oof.parquet); run the search to completion first")
+
+    tables = {}
+    for cid in names:
+        location = storage.join(root, cid, "oof.parquet")
+        table = storage.read_parquet(location)
+        P = probs_matrix(table, location)
+        if P.shape[1] != n_classes:
+            raise BadInput(f"{location}: {P.shape[1]} classes, but the experiment has {n_classes} "
+                           f"({', '.join(meta['class_names'])}); this candidate belongs to another task")
+        tables[cid] = (table.column("sample_id").to_pylist(), P)
+
+    # Never mix sample sets: the full-coverage (cross-fitted) candidates when
+    # there are any, else the largest group sharing one holdout set.
+    everything = frozenset(index["sample_id"])
+    sets = {cid: frozenset(ids) for cid, (ids, _) in tables.items()}
+    full = [cid for cid in names if sets[cid] == everything]
+    chosen = full or [cid for cid in names if sets[cid] == Counter(sets.values()).most_common(1)[0][0]]
+    order = [s for s in index["sample_id"] if s in sets[chosen[0]]]   # the index's order
+    P = np.stack([pd.DataFrame(tables[c][1], index=tables[c][0]).loc[order].to_numpy() for c in chosen])
+    y = index.set_index("sample_id").loc[order, "label"].to_numpy()
+    configs = {cid: storage.read_json(storage.join(root, cid, "members.json")).get("config", {})
+               if storage.exists(storage.join(root, cid, "members.json")) else {} for cid in chosen}
+    return Candidates(experiment, meta, chosen, order, y, P.astype(np.float32), bool(full), configs,
+                      [c for c in names if c not in chosen])
+
+
+def test_matrix(c: Candidates, ids: list[str]) -> tuple[list[str], np.ndarray] | None:
+    """(test sample ids, (m, n_test, C)) when every given candidate has test predictions."""
+    test_path = storage.join(c.experiment, "test.parquet")
+    if not storage.exists(test_path):
+        return None
+    order = storage.read_parquet(test_path).column("sample_id").to_pylist()
+    out = []
+    for cid in ids:
+        location = storage.join(c.experiment, "candidates", cid, "test.parquet")
+        if not storage.exists(location):
+            return None
+        table = storage.read_parquet(location)
+        out.append(pd.DataFrame(probs_matrix(table, location), index=table.column("sample_id").to_pylist())
+                   .loc[order].to_numpy())
+    return order, np.stack(out).astype(np.float32)

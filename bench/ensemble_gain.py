@@ -96,7 +96,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from ensemble_builder import candidates as cands
-    from ensemble_builder.metrics import accuracy, log_loss
+    from trainer.metrics import accuracy, log_loss
     from ensemble_builder.selection import EnsembleSelection
     from trainer import storage
     from trainer.metrics import METRICS

@@ -74,10 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def budget(task, args) -> dict:
     b = dict(task.BUDGET)
-    for key in ("trials", "max_epochs", "grace_period", "reduction_factor", "folds"):
+    for key in ("trials", "max_epochs", "grace_period", "reduction_factor", "folds", "crossfit_top"):
         if getattr(args, key) is not None:
             b[key] = getattr(args, key)
-    for key, low in (("trials", 1), ("max_epochs", 1), ("grace_period", 1), ("reduction_factor", 2), ("folds", 2)):
+    for key, low in (("trials", 1), ("max_epochs", 1), ("grace_period", 1), ("reduction_factor", 2), ("folds", 2),
+                     ("crossfit_top", 0)):
         if b[key] < low:
             raise BadInput(f"--{key.replace('_', '-')} {b[key]}: must be at least {low}")
     b["grace_period"] = min(b["grace_period"], b["max_epochs"])

@@ -1,0 +1,554 @@
+"""Distributed behaviour on real Ray clusters: several nodes, a lost node, a killed driver, a failing config.
+
+Nothing is mocked. The multi-node tests use ``ray.cluster_utils.Cluster``:
+real raylets on this machine, each with its own resources and its own
+environment (``env_vars``), so each simulated node gets its own image cache
+through ``SEARCHSPACE_CACHE_DIR``, as a real node would via cluster.yaml.
+Storage is a local folder that every node sees (the stand-in for NFS or a
+bucket; tests/test_storage_s3.py covers the bucket).
+
+Isolation from other Ray users on the machine:
+
+- Ray's temp dirs are short /tmp/ray* folders (unix socket paths are limited)
+  that the tests remove; the data, caches and experiments are in tmp_path.
+- ``RAY_TMPDIR`` points at that folder while a test's cluster exists, so the
+  "current cluster" address file that ``Cluster`` writes (and that a plain
+  ``ray.init()`` reads) is private to the test: another process on the machine
+  can neither join this cluster by accident nor lose its own address file.
+- Only what a test started is stopped (its Cluster, its subprocess' process
+  group); never ``ray stop``.
+- If this pytest process is connected to conftest's ``ray_session``, a test that
+  needs its own driver connection disconnects it and starts an equivalent
+  local Ray again afterwards (``detached`` fixture).
+
+Durations measured on a 2-core machine shared with other test runs (pytest
+--durations=0): multi-node 24-57 s, lost node 28-48 s, killed driver 51-68 s,
+failing config 19-30 s; about 2.5-3.5 minutes for the file (budget: ~6).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+from conftest import make_paddy
+from ray.cluster_utils import Cluster
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Fast node-death detection on the test clusters (default: ~30 s of missed health checks).
+FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+                          "health_check_failure_threshold": 3}
+
+
+# --- fixtures and helpers ----------------------------------------------------------
+
+@pytest.fixture
+def ray_tmp():
+    """A short /tmp/ray* folder for Ray's sockets, logs and session files; removed afterwards."""
+    d = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def environment(env: dict, cwd: str):
+    """Run a block with this process's environment and working directory as given, then put them back."""
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+
+
+@pytest.fixture
+def detached(tmp_path_factory):
+    """No Ray connection in this process during the test; an equivalent local Ray again after it.
+
+    conftest's session-wide ``ray_session`` may be connected when this test
+    starts; a driver can hold one connection only, so it is shut down here and
+    restarted (same CPUs and runtime_env, new temp dir) for the tests after, from
+    the environment and working directory it had (workers inherit both: the
+    project is imported from the driver's working directory).
+    """
+    previous = None
+    if ray.is_initialized():
+        previous = dict(num_cpus=int(ray.cluster_resources().get("CPU", 2)),
+                        runtime_env=dict(ray.get_runtime_context().runtime_env or {}),
+                        env=dict(os.environ), cwd=os.getcwd())
+        ray.shutdown()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+    if previous is not None:
+        temp = str(tmp_path_factory.mktemp("ray"))
+        if len(temp) > 60:
+            temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+        with environment(previous["env"], previous["cwd"]):
+            ray.init(num_cpus=previous["num_cpus"], _temp_dir=temp, include_dashboard=False, log_to_driver=True,
+                     runtime_env=previous["runtime_env"] or None)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """Local 'pretrained' weights (seed 0) for the models used here: the paddy space samples
+    pretrained=True/False and there is no network."""
+    import timm
+    import torch
+
+    d = tmp_path_factory.mktemp("weights")
+    for arch in ("test_resnet", "test_convnext"):
+        torch.manual_seed(0)
+        torch.save(timm.create_model(arch).state_dict(), d / f"{arch}.pth")
+    return d
+
+
+@contextlib.contextmanager
+def local_cluster(monkeypatch, ray_tmp: str, caches: Path, head_cpus: int, workers: int = 2,
+                  system_config: dict | None = None):
+    """A head and ``workers`` one-CPU worker nodes; each node's SEARCHSPACE_CACHE_DIR is caches/<name>.
+
+    Yields (cluster, {"head": node, "w1": node, ...}); shuts down only this cluster.
+    """
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)  # the address file goes to ray_tmp/ray/, not /tmp/ray/
+    os.makedirs(os.path.join(ray_tmp, "ray"), exist_ok=True)
+
+    def env(name: str) -> dict:
+        # PYTHONPATH: the project is importable on every node, as cluster.yaml's
+        # `pip install -e` makes it on a real cluster (a worker does not get the
+        # driver's sys.path when the driver is another process).
+        return {"SEARCHSPACE_CACHE_DIR": str(caches / name), "NO_ALBUMENTATIONS_UPDATE": "1",
+                "PYTHONPATH": str(REPO)}
+
+    head = dict(num_cpus=head_cpus, env_vars=env("head"), temp_dir=ray_tmp, include_dashboard=False)
+    if system_config:
+        head["_system_config"] = system_config
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    try:
+        nodes = {"head": cluster.head_node}
+        for i in range(1, workers + 1):
+            nodes[f"w{i}"] = cluster.add_node(num_cpus=1, env_vars=env(f"w{i}"), temp_dir=ray_tmp)
+        cluster.wait_for_nodes()
+        yield cluster, nodes
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+
+
+def driver_env(**extra: str) -> dict:
+    """Environment for a `python -m searchspace.run` subprocess: this repo importable, no inherited RAY_ADDRESS."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["NO_ALBUMENTATIONS_UPDATE"] = "1"
+    env.update(extra)
+    return env
+
+
+def start_driver(argv: list[str], log: Path, cwd: Path, env: dict) -> subprocess.Popen:
+    """`python -m searchspace.run ARGV` in its own session (so its whole process group can be killed)."""
+    with open(log, "ab") as f:
+        return subprocess.Popen([sys.executable, "-m", "searchspace.run", *argv], cwd=cwd, env=env,
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group of a driver this test started (no-op when it is gone)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(30)
+
+
+def wait(proc: subprocess.Popen, log: Path, timeout: float) -> int:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        stop_group(proc)
+        pytest.fail(f"driver still running after {timeout:.0f} s:\n{tail(log)}")
+
+
+def tail(log: Path, n: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-n:]) if log.exists() else "(no log)"
+
+
+def trial_dirs(experiment: Path) -> list[Path]:
+    return sorted(p for p in experiment.glob("train_trial_*") if p.is_dir())
+
+
+def results(trial_dir: Path) -> list[dict]:
+    """The trial's result.json: one dict per reported epoch, in order."""
+    path = trial_dir / "result.json"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trial_id(trial_dir: Path) -> str:
+    return trial_dir.name.split("_")[2]  # train_trial_<id>_<n>_<params>_<date>
+
+
+def checkpoints(trial_dir: Path) -> dict[str, dict]:
+    """{checkpoint_00000k: its config.json (epoch, node_id, metrics...)} of the complete ones."""
+    out = {}
+    for cfg in sorted(trial_dir.glob("checkpoint_*/config.json")):
+        with contextlib.suppress(OSError, ValueError):
+            out[cfg.parent.name] = json.loads(cfg.read_text())
+    return out
+
+
+def restarted_from_scratch(epochs: list[int]) -> bool:
+    """True when the epoch sequence goes back to 1 after a later epoch (a restart from no checkpoint)."""
+    return any(e == 1 for e in epochs[1:])
+
+
+def build_records(cache_dir: Path) -> list[dict]:
+    path = cache_dir / "builds.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def select(experiment, top: int = 3) -> tuple[int, str]:
+    from ensemble_builder.__main__ import main as ensemble_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = ensemble_main(["select", "--experiment", str(experiment), "--top", str(top)])
+    return code, out.getvalue()
+
+
+# --- a. several nodes --------------------------------------------------------------
+
+@pytest.mark.slow
+def test_search_spreads_over_nodes_and_each_node_builds_its_cache_once(tmp_path, ray_tmp, detached, weights,
+                                                                       monkeypatch):
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from searchspace.run import main
+
+    data = make_paddy(tmp_path / "data", classes=3, per_class=8, test=4)
+    caches, storage_root = tmp_path / "caches", tmp_path / "runs"
+    with local_cluster(monkeypatch, ray_tmp, caches, head_cpus=1) as (cluster, nodes):
+        ray.init(address=cluster.address)
+
+        # Each node's processes see that node's env_vars (RayParams.env_vars -> raylet -> workers).
+        @ray.remote(num_cpus=0)
+        def node_env():
+            return ray.get_runtime_context().get_node_id(), os.environ.get("SEARCHSPACE_CACHE_DIR")
+
+        seen = ray.get([node_env.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False))
+                        .remote() for n in nodes.values()])
+        assert seen == [(n.node_id, str(caches / name)) for name, n in nodes.items()]
+
+        argv = ["paddy", "--data", str(data), "--storage", str(storage_root), "--name", "multi",
+                "--archs", "test_resnet", "--image-sizes", "16", "--trials", "6", "--max-epochs", "2",
+                "--grace-period", "2", "--folds", "2", "--crossfit-top", "1", "--cpus-per-trial", "1",
+                "--cache-dir", str(tmp_path / "driver-cache"), "--weights-dir", str(weights), "--seed", "0"]
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(argv)
+        assert code == 0, out.getvalue()
+        ray.shutdown()
+    node_name = {n.node_id: name for name, n in nodes.items()}
+
+    experiment = storage_root / "multi"
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    assert len(trials) == 6 and trials["trial_id"].is_unique
+    assert (trials["status"] == "ok").all(), trials[["trial_id", "status", "error"]]
+
+    # Trials ran on more than one node (1 CPU per node, 1 CPU per trial, 6 trials at once)
+    dirs = trial_dirs(experiment)
+    assert sorted(trial_id(d) for d in dirs) == sorted(trials["trial_id"])
+    ran_on = {trial_id(d): {r["node_id"] for r in results(d)} for d in dirs}
+    assert all(len(ids) == 1 for ids in ran_on.values()), ran_on  # nothing failed over
+    used = set().union(*ran_on.values())
+    assert used <= set(node_name), used
+    assert len(used) >= 2, f"all trials ran on {[node_name[u] for u in used]}"
+
+    # Each node built each cache entry at most once, in its own cache dir; the
+    # driver's --cache-dir was never used for a cache (the node setting wins).
+    for name in nodes:
+        records = build_records(caches / name)
+        entries = [r["entry"] for r in records]
+        assert len(entries) == len(set(entries)), f"{name} built an entry twice: {entries}"
+        assert all(e.startswith(str(caches / name) + os.sep) for e in entries), entries
+    for node_id in used:
+        assert build_records(caches / node_name[node_id]), f"{node_name[node_id]} ran trials but built no cache"
+    assert not (tmp_path / "driver-cache" / "builds.jsonl").exists()
+
+    # Every artifact in the shared storage
+    for name in ("experiment.json", "folds.parquet", "test.parquet", "trials.parquet", "optuna_journal.log"):
+        assert (experiment / name).is_file(), name
+    for row in trials.itertuples():
+        assert (experiment / "candidates" / row.trial_id / "oof.parquet").is_file()
+        assert Path(row.checkpoint, "model.pt").is_file(), row.checkpoint
+    cv = sorted(p.name for p in (experiment / "candidates").glob("cv-*"))
+    assert len(cv) == 1
+    written = {p.name for p in (experiment / "candidates" / cv[0]).iterdir()}
+    assert {"oof.parquet", "test.parquet", "members.json"} <= written, written
+
+    code, text = select(experiment, top=3)
+    assert code == 0, text
+    sub = pd.read_csv(experiment / "ensemble" / "submission.csv")
+    assert len(sub) == 4 and list(sub.columns) == ["image_id", "label"]
+
+
+# --- b. a node is lost in the middle of the search -----------------------------------
+
+@pytest.mark.slow
+def test_a_lost_node_s_trial_continues_elsewhere_from_its_checkpoint(tmp_path, ray_tmp, weights, monkeypatch):
+    # Larger images than elsewhere so that an epoch takes a noticeable time (~0.5 s)
+    # and the node is lost in the middle of a trial, not after it.
+    data = make_paddy(tmp_path / "data", classes=3, per_class=40, test=0, size=(128, 128))
+    caches, storage_root, max_epochs = tmp_path / "caches", tmp_path / "runs", 6
+    experiment = storage_root / "lost"
+    log = tmp_path / "driver.log"
+    argv = ["paddy", "--data", str(data), "--storage", str(storage_root), "--name", "lost",
+            "--archs", "test_resnet", "--image-sizes", "128", "--trials", "3", "--max-epochs", str(max_epochs),
+            "--grace-period", str(max_epochs), "--folds", "2", "--crossfit-top", "0", "--cpus-per-trial", "1",
+            "--max-failures", "2", "--cache-dir", str(tmp_path / "driver-cache"), "--weights-dir", str(weights),
+            "--seed", "0"]
+    # The head has no CPU: every trial runs on w1 or w2.
+    with local_cluster(monkeypatch, ray_tmp, caches, head_cpus=0, system_config=FAST_FAILURE_DETECTION) \
+            as (cluster, nodes):
+        lost = nodes["w1"]
+        proc = start_driver(argv, log, tmp_path, driver_env(RAY_ADDRESS=cluster.address))
+        try:
+            removed_at = None
+            deadline = time.time() + 240
+            while removed_at is None and proc.poll() is None and time.time() < deadline:
+                for d in trial_dirs(experiment):
+                    on_lost = [c for c in checkpoints(d).values() if c.get("node_id") == lost.node_id]
+                    if on_lost:
+                        removed_at = (trial_id(d), max(c["epoch"] for c in on_lost))
+                        cluster.remove_node(lost, allow_graceful=False)  # a crash, not a drain
+                        break
+                time.sleep(0.2)
+            assert removed_at is not None, f"no checkpoint from w1 before the search ended:\n{tail(log)}"
+            code = wait(proc, log, 240)
+        finally:
+            stop_group(proc)
+    assert code == 0, tail(log)
+    assert removed_at[1] < max_epochs, f"w1's trial had already finished when w1 was removed: {removed_at}"
+
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    assert len(trials) == 3 and trials["trial_id"].is_unique
+    assert (trials["status"] == "ok").all(), trials[["trial_id", "status", "error"]]
+    assert (trials["epochs_run"] == max_epochs).all(), trials[["trial_id", "epochs_run"]]
+    assert trials["checkpoint"].notna().all()
+
+    moved = []
+    for d in trial_dirs(experiment):
+        rs = results(d)
+        epochs = [r["epoch"] for r in rs]
+        # Never restarted from scratch: epochs only go up and end at the budget
+        assert not restarted_from_scratch(epochs), (trial_id(d), epochs)
+        assert epochs == sorted(set(epochs)) and epochs[-1] == max_epochs, (trial_id(d), epochs)
+        nodes_seen = [r["node_id"] for r in rs]
+        if lost.node_id in nodes_seen and nodes_seen[-1] != lost.node_id:
+            moved.append((trial_id(d), epochs, nodes_seen))
+    # The trial that was on w1 finished on another node, continuing after its last checkpoint
+    assert [m[0] for m in moved] == [removed_at[0]], moved
+    _, epochs, nodes_seen = moved[0]
+    first_elsewhere = next(i for i, n in enumerate(nodes_seen) if n != lost.node_id)
+    assert all(n == lost.node_id for n in nodes_seen[:first_elsewhere])
+    assert epochs[first_elsewhere] > 1 and epochs[first_elsewhere] >= removed_at[1] + 1, (epochs, nodes_seen)
+    restored = next(r for r in results(next(d for d in trial_dirs(experiment) if trial_id(d) == removed_at[0]))
+                    if r["node_id"] != lost.node_id)
+    assert restored["iterations_since_restore"] == 1 and restored["training_iteration"] == restored["epoch"]
+
+
+# --- c. the driver is killed; --resume continues the same search ------------------------
+
+def _processes_with(marker: str) -> list[int]:
+    """Live processes whose environment holds ``marker`` (everything the killed driver started)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker.encode() in f.read():
+                    pids.append(int(pid))
+    return pids
+
+
+def _tune_state(experiment: Path) -> dict[str, dict]:
+    """{trial_id: {"status", "last_result"}} from the experiment state that Tune synced to storage."""
+    states = sorted(experiment.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return {}
+    try:
+        data = json.loads(states[-1].read_text())
+    except (OSError, ValueError):
+        return {}  # being rewritten
+    out = {}
+    for trial_json, runtime_json in data["trial_data"]:
+        trial, runtime = json.loads(trial_json), json.loads(runtime_json)
+        last = runtime.get("last_result")
+        if isinstance(last, str):
+            with contextlib.suppress(ValueError):
+                last = json.loads(last)
+        out[trial["trial_id"]] = {"status": trial["status"], "last_result": last if isinstance(last, dict) else {}}
+    return out
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, ray_tmp):
+    storage_root, cache = tmp_path / "runs", tmp_path / "cache"
+    experiment, max_epochs, n_trials = storage_root / "killed", 3, 6
+    argv = ["digits", "--storage", str(storage_root), "--name", "killed", "--archs", "test_resnet",
+            "--image-sizes", "16", "--trials", str(n_trials), "--max-epochs", str(max_epochs),
+            "--grace-period", str(max_epochs), "--folds", "3", "--crossfit-top", "0",
+            "--cache-dir", str(cache), "--seed", "0"]
+    token = uuid.uuid4().hex
+    marker = f"SEARCHSPACE_TEST_DRIVER={token}"
+    # The driver starts its own local Ray (ray.init() in start_ray); RAY_TMPDIR keeps
+    # that Ray's files and address file in ray_tmp. Every process it starts inherits
+    # the marker, which is how the test finds leftovers after the kill.
+    env = driver_env(RAY_TMPDIR=ray_tmp, SEARCHSPACE_TEST_DRIVER=token)
+    os.makedirs(os.path.join(ray_tmp, "ray"), exist_ok=True)
+    log = tmp_path / "driver.log"
+    proc = start_driver(argv, log, tmp_path, env)
+
+    def finished_and_running(state: dict) -> tuple[list[str], list[str]]:
+        done = [t for t, s in state.items() if s["status"] == "TERMINATED"]
+        mid = [t for t, s in state.items() if s["status"] == "RUNNING"
+               and 1 <= s["last_result"].get("epoch", 0) < max_epochs]
+        return done, mid
+
+    try:
+        # Kill once Tune's state in the storage has a finished trial and a running one
+        # with a checkpoint (the state is what --resume restores from)
+        state, deadline = {}, time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            state = _tune_state(experiment)
+            if all(finished_and_running(state)):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, f"the search ended before it could be killed ({state}):\n{tail(log)}"
+        assert all(finished_and_running(state)), f"no finished and running trial within the time limit: {state}"
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
+        proc.wait(30)
+    finally:
+        stop_group(proc)
+    # Nothing of the killed run is left running (it could still write to the storage)
+    deadline = time.time() + 30
+    while _processes_with(marker) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _processes_with(marker) == [], "processes of the killed driver are still running"
+    assert not (experiment / "trials.parquet").exists()
+
+    # The storage as the killed run left it (nothing writes to it any more)
+    state = _tune_state(experiment)
+    done, mid = finished_and_running(state)
+    assert done and mid, state
+    before = {trial_id(d): d for d in trial_dirs(experiment)}
+    finished = {t: ([r["epoch"] for r in results(before[t])],
+                    {p.relative_to(before[t]).as_posix(): p.stat().st_mtime_ns
+                     for p in before[t].glob("checkpoint_*/*")}) for t in done}
+
+    with open(log, "a") as f:
+        f.write("\n=== resume ===\n")
+    resumed = start_driver(argv + ["--resume"], log, tmp_path, env)
+    try:
+        code = wait(resumed, log, 300)
+    finally:
+        stop_group(resumed)
+    assert code == 0, tail(log)
+    assert "resuming" in log.read_text()
+
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    assert len(trials) == n_trials and trials["trial_id"].is_unique, trials["trial_id"].tolist()
+    assert (trials["status"] == "ok").all(), trials[["trial_id", "status", "error"]]
+    assert (trials["epochs_run"] == max_epochs).all(), trials[["trial_id", "epochs_run"]]
+    assert set(state) <= set(trials["trial_id"]), "a trial known before the kill is missing"
+
+    after = {trial_id(d): d for d in trial_dirs(experiment)}
+    for t, (epochs, ckpts) in finished.items():
+        # finished before the kill: not run again (same results, same checkpoint files)
+        assert [r["epoch"] for r in results(after[t])] == epochs == list(range(1, max_epochs + 1)), t
+        assert {p.relative_to(after[t]).as_posix(): p.stat().st_mtime_ns
+                for p in after[t].glob("checkpoint_*/*")} == ckpts, t
+    for t in trials["trial_id"]:
+        epochs = [r["epoch"] for r in results(after[t])]
+        assert not restarted_from_scratch(epochs), (t, epochs)
+        assert epochs[-1] == max_epochs and epochs == sorted(epochs), (t, epochs)
+    for t in mid:
+        # running at the kill: restored from its checkpoint (Tune's iteration counter
+        # since restore starts again at 1 on an epoch after the first)
+        rs = results(after[t])
+        assert any(r["iterations_since_restore"] == 1 and r["epoch"] > 1 for r in rs), \
+            (t, [(r["epoch"], r["iterations_since_restore"]) for r in rs])
+    deadline = time.time() + 30
+    while _processes_with(marker) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _processes_with(marker) == [], "the resumed driver left processes running"
+
+    # The Optuna study went on instead of starting again: one study with n_trials trials
+    import optuna
+    study_storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(experiment / "optuna_journal.log")))
+    studies = optuna.get_all_study_summaries(study_storage)
+    assert [s.study_name for s in studies] == ["killed"]
+    assert studies[0].n_trials == n_trials, f"{studies[0].n_trials} trials in the Optuna study"
+
+
+# --- d. a config that fails every time -------------------------------------------------
+
+@pytest.mark.slow
+def test_a_config_that_always_fails_is_recorded_and_the_search_completes(tmp_path, ray_session, weights):
+    """test_convnext cannot run at 16 px (it downsamples 32x: a 2x2 kernel meets a 1x1 map), a
+    real failure inside the trial's forward pass; test_resnet can. With --max-failures 1 the
+    failing trial is tried twice, recorded as an error, and the search goes on."""
+    from searchspace.run import main
+
+    data = make_paddy(tmp_path / "data", classes=3, per_class=8, test=4)
+    argv = ["paddy", "--data", str(data), "--storage", str(tmp_path / "runs"), "--name", "failing",
+            "--archs", "test_resnet,test_convnext", "--image-sizes", "16", "--trials", "4", "--max-epochs", "1",
+            "--folds", "2", "--crossfit-top", "1", "--max-failures", "1", "--cache-dir", str(tmp_path / "cache"),
+            "--weights-dir", str(weights), "--seed", "0"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    text = out.getvalue()
+    assert code == 0, text
+
+    experiment = tmp_path / "runs" / "failing"
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    assert len(trials) == 4 and trials["trial_id"].is_unique
+    bad, good = trials[trials["arch"] == "test_convnext"], trials[trials["arch"] == "test_resnet"]
+    assert len(bad) >= 1 and len(good) >= 1, f"seed 0 should sample both archs: {trials['arch'].tolist()}"
+    assert (bad["status"] == "error").all(), bad[["trial_id", "status"]]
+    assert bad["error"].str.contains("Kernel size can't be greater than actual input size").all(), bad["error"].tolist()
+    assert bad["checkpoint"].isna().all() and (bad["epochs_run"] == 0).all()
+    assert (good["status"] == "ok").all() and good["error"].isna().all()
+    assert good["best_score"].notna().all() and good["checkpoint"].notna().all()
+    for row in bad.itertuples():
+        assert f"failed {row.trial_id}" in text
+        # tried 1 + max_failures times, then given up
+        d = next(d for d in trial_dirs(experiment) if trial_id(d) == row.trial_id)
+        errors = (d / "error.txt").read_text()
+        assert "Failure # 2" in errors and "Failure # 3" not in errors, errors[:2000]
+        assert not (experiment / "candidates" / row.trial_id).exists()
+    # The cross-fit took a working config; select reads the experiment
+    cv = [p.name for p in (experiment / "candidates").glob("cv-*")]
+    assert len(cv) == 1 and cv[0].removeprefix("cv-") in set(good["trial_id"]), cv
+    code, text = select(experiment, top=2)
+    assert code == 0, text

@@ -322,7 +322,7 @@ def main() -> None:
         f"{_common.met(ours_best[3] >= 5 * classic_rate)}",
         f"target cache build <= one classic epoch: {build_s:.2f} s vs {epoch_s:.2f} s "
         f"({max(cold)} threads): {_common.met(build_s <= epoch_s)}"
-        + (f"; a trial with --cpus-per-trial 1 builds with 1 thread: {cold[1]:.2f} s" if 1 in cold and max(cold) != 1 else ""),
+        + (f"; with 1 thread: {cold[1]:.2f} s (a trial builds with all the node's cores)" if 1 in cold and max(cold) != 1 else ""),
     ]
     if torch.cuda.is_available():
         notes += gpu_share(cache, policy, a.batch, a.gpu_steps)

@@ -15,11 +15,35 @@ RESIZE_MODES = ("squish", "crop", "letterbox")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def decode_rgb(data: bytes, name: str = "image") -> np.ndarray:
-    """Bytes -> HxWx3 uint8 RGB. Grayscale, RGBA, palette and 16-bit become RGB."""
+_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def jpeg_reduction(data: bytes, min_side: int) -> int:
+    """1, 2, 4 or 8: the largest JPEG DCT-domain downscale that keeps the short side >= min_side."""
+    if not min_side or data[:2] != b"\xff\xd8":
+        return 1
+    try:
+        w, h = Image.open(io.BytesIO(data)).size   # header only
+    except Exception:
+        return 1
+    r = 1
+    while r < 8 and min(w, h) // (2 * r) >= min_side:
+        r *= 2
+    return r
+
+
+def decode_rgb(data: bytes, name: str = "image", min_side: int = 0) -> np.ndarray:
+    """Bytes -> HxWx3 uint8 RGB. Grayscale, RGBA, palette and 16-bit become RGB.
+
+    With ``min_side``, a large JPEG is decoded at 1/2, 1/4 or 1/8 scale inside
+    the decoder (far cheaper than a full decode and a resize), never below
+    ``min_side`` on its short side.
+    """
+    r = jpeg_reduction(data, min_side)
     # IMREAD_COLOR expands gray and palette and drops alpha; ANYDEPTH keeps
     # 16-bit so that we scale it rather than let OpenCV clip it.
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    flags = _REDUCED[r] if r > 1 else cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if img is None:
         # Formats OpenCV lacks (TGA, ICO, PCX, ...) but the scan's Pillow reads:
         # what the scan lets through, training must decode.
@@ -61,7 +85,7 @@ def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
 
 
 def load(location: str, size: int, mode: str) -> np.ndarray:
-    return resize(decode_rgb(storage.read_bytes(location), location), size, mode)
+    return resize(decode_rgb(storage.read_bytes(location), location, min_side=size), size, mode)
 
 
 def _check(location: str) -> tuple[int, str | None]:

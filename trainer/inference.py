@@ -13,11 +13,13 @@ from trainer import storage
 def to_input(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, augment=None) -> torch.Tensor:
     """uint8 BxHxWx3 (already on the device) -> normalised float Bx3xHxW."""
     x = batch.permute(0, 3, 1, 2).float()
+    # (x / 255 - mean) / std as one fused pass (addcmul), in place: this is
+    # memory-bound, and every extra pass over the batch shows on a CPU.
     if augment is not None:
-        x = augment(x.div_(255)).sub_(mean).div_(std)
+        x = augment(x.div_(255))
+        x = torch.addcmul(-mean / std, x, 1 / std, out=x)
     else:
-        # One fused pass: (x / 255 - mean) / std, in place.
-        x = x.mul_(1 / (255 * std)).sub_(mean / std)
+        x = torch.addcmul(-mean / std, x, 1 / (255 * std), out=x)
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 

@@ -119,7 +119,7 @@ def main() -> None:
         "wall: around searchspace.run.main (data check, Tune, trials.parquet)",
         "with concurrent trials the TPE sampler sees results in timing-dependent order, so two runs with the "
         "same seed need not sample the same configs after TPE's random start-up trials; and the same config "
-        "need not reach the same accuracy twice (augmentation is not seeded): compare over repeated runs",
+        "need not reach the same accuracy twice (two trials share the CPUs, so thread timing differs): compare over repeated runs",
         f"target >= 3x fewer trial-epochs at >= 99% of the no-stopping best accuracy: "
         f"{epochs_ratio:.2f}x, {acc_ratio:.2%}: {_common.met(epochs_ratio >= 3 and acc_ratio >= 0.99)}",
         f"experiments: {storage_root}",

@@ -21,7 +21,7 @@ from searchspace.tasks import paddy
 from searchspace.tasks._space import suggest_augmentation, suggest_loss, suggest_model, suggest_optimiser
 
 METRIC = "accuracy"
-BUDGET = dict(trials=16, max_epochs=9, grace_period=1, reduction_factor=3, folds=5, crossfit_top=4)
+BUDGET = dict(trials=16, max_epochs=9, grace_period=1, reduction_factor=4, folds=5, crossfit_top=4)
 ARCHS = {
     "test_resnet": [16, 24, 32],
     "test_efficientnet": [24, 32],

@@ -360,7 +360,8 @@ def crossfit(args, experiment: str) -> int:
     top = args.crossfit_top if args.crossfit_top is not None else meta["budget"].get("crossfit_top", 0)
     if top <= 0:
         return 0
-    ctx = {**meta["context"], "cpus_per_trial": args.cpus_per_trial}
+    # The experiment may have moved (a synced bucket, a renamed folder): use where it is now.
+    ctx = {**meta["context"], "experiment": experiment, "cpus_per_trial": args.cpus_per_trial}
     ctx["tta"] = ctx.get("tta", True) and not args.no_tta
     cids, jobs = crossfit_jobs(trials, experiment, top, meta["folds"], meta["mode"])
     if not cids:
@@ -374,7 +375,11 @@ def crossfit(args, experiment: str) -> int:
         failed = [r for r in results if r.error]
         print(f"cross-fit ran {len(jobs)} job(s) in {time.time() - start:.0f} s"
               + (f", {len(failed)} failed (run --crossfit-only again to retry them)" if failed else ""))
-    complete = [cid for cid in cids if assemble(experiment, cid, index, meta["folds"])]
+    # Assemble what this pass changed or never assembled; leave finished candidates as they are.
+    ran = {job["candidate"] for job in jobs}
+    complete = [cid for cid in cids
+                if (cid not in ran and storage.exists(storage.join(experiment, "candidates", cid, "members.json")))
+                or assemble(experiment, cid, index, meta["folds"])]
     for cid in complete:
         oof = storage.read_parquet(storage.join(experiment, "candidates", cid, "oof.parquet"))
         probs = np.stack(oof.column("probs").to_numpy(zero_copy_only=False))
@@ -446,7 +451,7 @@ def resume(task, args, experiment: str) -> int:
     start_ray()
     print(f"resuming {experiment}", flush=True)
     start = time.time()
-    tuner = tune.Tuner.restore(root, trainable(args, meta["context"]), resume_unfinished=True,
+    tuner = tune.Tuner.restore(root, trainable(args, {**meta["context"], "experiment": experiment}), resume_unfinished=True,
                                resume_errored=True, storage_filesystem=fs)
     return finish(task, args, experiment, tuner.fit(), meta["budget"]["max_epochs"], start)
 

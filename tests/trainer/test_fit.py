@@ -44,11 +44,11 @@ def prepared(tmp_path_factory):
     return types.SimpleNamespace(base=base, ctx=ctx, index=index, experiment=experiment)
 
 
-def _run_one_trial(ctx: dict, config: dict, storage_path: Path, name: str):
+def _run_one_trial(ctx: dict, config: dict, storage_path: Path, name: str, resources: dict | None = None):
     from ray import tune
 
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(train_trial, ctx=ctx), {"cpu": 1}),
+        tune.with_resources(tune.with_parameters(train_trial, ctx=ctx), resources or {"cpu": 1}),
         param_space=config,
         tune_config=tune.TuneConfig(num_samples=1),
         run_config=tune.RunConfig(name=name, storage_path=str(storage_path), verbose=0,
@@ -142,3 +142,13 @@ def test_warmup_cosine_rises_then_decays_to_zero():
     assert all(a >= b for a, b in zip(decay, decay[1:]))
     assert f(20) == pytest.approx(0.0, abs=1e-9)
     assert warmup_cosine(0, 10)(0) == pytest.approx(1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_epoch_on_a_gpu_augments_with_kornia(prepared, ray_session, tmp_path):
+    # On a GPU node the default backend is kornia on the device, with mixed precision.
+    result = _run_one_trial(prepared.ctx, CONFIG, tmp_path, "gpu", {"cpu": 1, "gpu": 1})
+    assert math.isfinite(result.metrics["val_loss"])
+    with result.checkpoint.as_directory() as d:
+        assert json.loads((Path(d) / "config.json").read_text())["aug_backend"] == "kornia"

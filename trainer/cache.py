@@ -75,7 +75,6 @@ def _build(locations, entry, shape, mode, cache_dir, workers) -> None:
             if done % step == 0:
                 print(f"image cache {size}px/{mode}: {done}/{n} decoded", file=sys.stderr, flush=True)
     out.flush()
-    del out
     os.replace(tmp, os.path.join(entry, "images.u8"))
     seconds = time.perf_counter() - start
     record = {"shape": list(shape), "mode": mode, "decoded": n, "seconds": round(seconds, 3),

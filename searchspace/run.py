@@ -456,8 +456,27 @@ def resume(task, args, experiment: str) -> int:
     return finish(task, args, experiment, tuner.fit(), meta["budget"]["max_epochs"], start)
 
 
+def close_orphan_trials(experiment: str, args) -> None:
+    """Mark Optuna trials still RUNNING as failed once the search is over.
+
+    A driver killed between the searcher's ask and Tune's next snapshot leaves
+    a trial in the journal that Tune never ran; the dashboard would show it
+    running for ever.
+    """
+    import optuna
+    path = study_file(experiment, args)
+    if not os.path.exists(path):
+        return
+    journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+    for summary in optuna.get_all_study_summaries(journal):
+        study = optuna.load_study(study_name=summary.study_name, storage=journal)
+        for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+
+
 def finish(task, args, experiment: str, results, max_epochs: int, start: float) -> int:
     """After the search: trials.parquet, candidates, the leaderboard, then the cross-fit."""
+    close_orphan_trials(experiment, args)
     trials = collect(results, task, experiment, max_epochs)
     if trials["checkpoint"].isna().all():
         print(f"\nevery trial failed; nothing to cross-fit. First error: {trials['error'].dropna().iloc[0] if trials['error'].notna().any() else 'unknown'}",

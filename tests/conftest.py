@@ -32,6 +32,7 @@ would make ``import trainer`` find the test folder instead of the package.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import random
@@ -56,6 +57,53 @@ CLASS_COLOURS = [
     (220, 40, 40), (40, 190, 40), (40, 60, 220), (220, 200, 40),
     (200, 40, 200), (40, 200, 200), (240, 140, 20), (120, 120, 120),
 ]
+
+
+@contextlib.contextmanager
+def environment(env: dict, cwd: str):
+    """Run a block with this process's environment and working directory as given, then put them back."""
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+
+
+@contextlib.contextmanager
+def without_session_ray(tmp_path_factory):
+    """No Ray connection in this process inside the block; an equivalent local Ray again after it.
+
+    ``ray_session`` may be connected when a test that needs its own Ray (a
+    cluster, other credentials) starts; a driver holds one connection only, so
+    it is shut down here and restarted afterwards (same CPUs and runtime_env,
+    new temp dir) from the environment and working directory it had: workers
+    inherit both, and the project is imported from the driver's working directory.
+    """
+    import ray
+
+    previous = None
+    if ray.is_initialized():
+        previous = dict(num_cpus=int(ray.cluster_resources().get("CPU", 2)),
+                        runtime_env=dict(ray.get_runtime_context().runtime_env or {}),
+                        env=dict(os.environ), cwd=os.getcwd())
+        ray.shutdown()
+    try:
+        yield
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if previous is not None:
+            temp = str(tmp_path_factory.mktemp("ray"))
+            if len(temp) > 60:  # Ray's unix socket paths must stay short
+                temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+            with environment(previous["env"], previous["cwd"]):
+                ray.init(num_cpus=previous["num_cpus"], _temp_dir=temp, include_dashboard=False,
+                         log_to_driver=True, runtime_env=previous["runtime_env"] or None)
 
 
 def class_pixels(cls: int, size: tuple[int, int] = (32, 32), seed: int = 0) -> np.ndarray:

@@ -43,7 +43,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import ray
-from conftest import make_paddy
+from conftest import make_paddy, without_session_ray
 from ray.cluster_utils import Cluster
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -65,47 +65,11 @@ def ray_tmp():
     shutil.rmtree(d, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def environment(env: dict, cwd: str):
-    """Run a block with this process's environment and working directory as given, then put them back."""
-    saved_env, saved_cwd = dict(os.environ), os.getcwd()
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(cwd)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
-        os.chdir(saved_cwd)
-
-
 @pytest.fixture
 def detached(tmp_path_factory):
-    """No Ray connection in this process during the test; an equivalent local Ray again after it.
-
-    conftest's session-wide ``ray_session`` may be connected when this test
-    starts; a driver can hold one connection only, so it is shut down here and
-    restarted (same CPUs and runtime_env, new temp dir) for the tests after, from
-    the environment and working directory it had (workers inherit both: the
-    project is imported from the driver's working directory).
-    """
-    previous = None
-    if ray.is_initialized():
-        previous = dict(num_cpus=int(ray.cluster_resources().get("CPU", 2)),
-                        runtime_env=dict(ray.get_runtime_context().runtime_env or {}),
-                        env=dict(os.environ), cwd=os.getcwd())
-        ray.shutdown()
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
-    if previous is not None:
-        temp = str(tmp_path_factory.mktemp("ray"))
-        if len(temp) > 60:
-            temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-        with environment(previous["env"], previous["cwd"]):
-            ray.init(num_cpus=previous["num_cpus"], _temp_dir=temp, include_dashboard=False, log_to_driver=True,
-                     runtime_env=previous["runtime_env"] or None)
+    """No Ray connection in this process during the test; an equivalent local Ray again after it."""
+    with without_session_ray(tmp_path_factory):
+        yield
 
 
 @pytest.fixture(scope="module")

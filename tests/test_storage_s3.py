@@ -36,7 +36,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
 
-from conftest import make_paddy  # noqa: E402
+from conftest import make_paddy, without_session_ray  # noqa: E402
 
 from trainer import storage  # noqa: E402
 
@@ -162,37 +162,15 @@ def own_ray(tmp_path_factory):
     """
     import ray
 
-    previous = None
-    if ray.is_initialized():
-        previous = dict(num_cpus=int(ray.cluster_resources().get("CPU", 2)),
-                        runtime_env=dict(ray.get_runtime_context().runtime_env or {}),
-                        env=dict(os.environ), cwd=os.getcwd())
-        ray.shutdown()
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray.init(num_cpus=2, _temp_dir=temp, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {**CREDENTIALS, "NO_ALBUMENTATIONS_UPDATE": "1"}})
-    try:
-        yield temp
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
-        if previous is not None:
-            restored = str(tmp_path_factory.mktemp("ray"))
-            if len(restored) > 60:
-                restored = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-            # From the environment and working directory it had: workers inherit both
-            # (the project is imported from the driver's working directory).
-            saved_env, saved_cwd = dict(os.environ), os.getcwd()
-            os.environ.clear()
-            os.environ.update(previous["env"])
-            os.chdir(previous["cwd"])
-            try:
-                ray.init(num_cpus=previous["num_cpus"], _temp_dir=restored, include_dashboard=False,
-                         log_to_driver=True, runtime_env=previous["runtime_env"] or None)
-            finally:
-                os.environ.clear()
-                os.environ.update(saved_env)
-                os.chdir(saved_cwd)
+    with without_session_ray(tmp_path_factory):
+        temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+        ray.init(num_cpus=2, _temp_dir=temp, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {**CREDENTIALS, "NO_ALBUMENTATIONS_UPDATE": "1"}})
+        try:
+            yield temp
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def _weights(root: Path) -> Path:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -28,7 +28,6 @@ class Dataset:
     id_column: str = "image_id"
     label_column: str = "label"
     submission_order: list[str] | None = None
-    notes: dict = field(default_factory=dict)
 
 
 def read_csv(location: str, columns: list[str]) -> pd.DataFrame:

@@ -212,7 +212,7 @@ def write_fold(ctx: dict, hp: dict, model: torch.nn.Module, resolved: dict, hold
     checkpoint = hp.get("from_checkpoint")
     if not checkpoint:
         buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
+        save_weights(model, buf)
         storage.write_bytes(storage.join(base, "model.pt"), buf.getvalue())
         storage.write_json(storage.join(base, "config.json"), resolved)
         checkpoint = base

@@ -50,7 +50,8 @@ def predict_probs(model: torch.nn.Module, images: np.ndarray, rows: np.ndarray |
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
 
 
-def save_weights(model: torch.nn.Module, path: str) -> None:
+def save_weights(model: torch.nn.Module, path) -> None:
+    """The state dict to a file path or a writable buffer (read back with weights_only=True)."""
     torch.save(model.state_dict(), path)
 
 

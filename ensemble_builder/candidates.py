@@ -9,6 +9,7 @@ import pandas as pd
 
 from trainer import storage
 from trainer.errors import BadInput
+from trainer.fit import probs_array
 
 
 @dataclass
@@ -40,8 +41,7 @@ def newest_experiment(runs: str) -> str:
 
 def probs_matrix(table, location: str) -> np.ndarray:
     """The probs column as an (n, C) float32 array, checked for NaN and rows summing to 1."""
-    probs = table.column("probs")
-    P = np.stack(probs.to_numpy(zero_copy_only=False)).astype(np.float32) if len(probs) else np.zeros((0, 0), np.float32)
+    P = probs_array(table)
     if not np.isfinite(P).all():
         raise BadInput(f"{location}: probabilities contain NaN or infinity; re-run this candidate or delete it")
     sums = P.sum(axis=1)

@@ -23,7 +23,7 @@ from searchspace.tasks import TASKS, get_task
 from trainer import storage
 from trainer.cache import default_cache_dir, fingerprint
 from trainer.errors import BadInput
-from trainer.fit import probs_table
+from trainer.fit import probs_array, probs_table
 from trainer.images import scan
 from trainer.metrics import METRICS
 from trainer.model import check_arch
@@ -345,7 +345,7 @@ def assemble(experiment: str, cid: str, index: pd.DataFrame, folds: int) -> bool
     test = None
     if storage.exists(storage.join(done[0], "test.parquet")):
         parts = [storage.read_parquet(storage.join(d, "test.parquet")) for d in done]
-        mean = np.mean([np.stack(t.column("probs").to_numpy(zero_copy_only=False)) for t in parts], axis=0)
+        mean = np.mean([probs_array(t) for t in parts], axis=0)
         test = probs_table(parts[0].column("sample_id").to_pylist(), mean)
     members = [storage.read_json(storage.join(d, "done.json")) for d in done]
     source = storage.read_json(storage.join(experiment, "candidates", cid.removeprefix("cv-"), "members.json"))
@@ -382,7 +382,7 @@ def crossfit(args, experiment: str) -> int:
                 or assemble(experiment, cid, index, meta["folds"])]
     for cid in complete:
         oof = storage.read_parquet(storage.join(experiment, "candidates", cid, "oof.parquet"))
-        probs = np.stack(oof.column("probs").to_numpy(zero_copy_only=False))
+        probs = probs_array(oof)
         y = index.set_index("sample_id").loc[oof.column("sample_id").to_pylist(), "label"].to_numpy()
         score = METRICS[meta["metric"]][0](y, probs)
         print(f"  {cid}: out-of-fold {meta['metric']} {score:.4f} over {len(y)} images")

@@ -59,6 +59,14 @@ def node_cache_dir(ctx: dict) -> str:
     return os.environ.get("SEARCHSPACE_CACHE_DIR") or ctx["cache_dir"]
 
 
+def probs_array(table: pa.Table) -> np.ndarray:
+    """The probs column back as an (n, C) float32 array, read as one flat buffer."""
+    probs = table.column("probs").combine_chunks()
+    if len(probs) == 0:
+        return np.zeros((0, 0), np.float32)
+    return probs.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(probs), probs.type.list_size)
+
+
 def warmup_cosine(warmup_steps: int, total_steps: int):
     def f(step: int) -> float:
         if step < warmup_steps:

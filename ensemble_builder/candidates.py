@@ -9,7 +9,7 @@ import pandas as pd
 
 from trainer import storage
 from trainer.errors import BadInput
-from trainer.fit import probs_array
+from trainer.storage import probs_array
 
 
 @dataclass
@@ -23,6 +23,7 @@ class Candidates:
     full_coverage: bool        # cross-fitted (every training sample) or holdout fold only
     configs: dict[str, dict]   # candidate id -> its config (members.json)
     left_out: list[str]        # candidates whose sample set differs from the one used
+    folds: np.ndarray          # (n,) the fold of each sample (folds.parquet); one value for holdout-only candidates
 
 
 def newest_experiment(runs: str) -> str:
@@ -83,11 +84,12 @@ def load(experiment: str) -> Candidates:
     chosen = full or [cid for cid in names if sets[cid] == Counter(sets.values()).most_common(1)[0][0]]
     order = [s for s in index["sample_id"] if s in sets[chosen[0]]]   # the index's order
     P = np.stack([pd.DataFrame(tables[c][1], index=tables[c][0]).loc[order].to_numpy() for c in chosen])
-    y = index.set_index("sample_id").loc[order, "label"].to_numpy()
+    rows = index.set_index("sample_id").loc[order]
+    y, folds = rows["label"].to_numpy(), rows["fold"].to_numpy(np.int64)
     configs = {cid: storage.read_json(storage.join(root, cid, "members.json")).get("config", {})
                if storage.exists(storage.join(root, cid, "members.json")) else {} for cid in chosen}
     return Candidates(experiment, meta, chosen, order, y, P.astype(np.float32), bool(full), configs,
-                      [c for c in names if c not in chosen])
+                      [c for c in names if c not in chosen], folds)
 
 
 def test_matrix(c: Candidates, ids: list[str]) -> tuple[list[str], np.ndarray] | None:

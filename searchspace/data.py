@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,9 +63,23 @@ def require_dir(location: str, what: str) -> None:
         raise BadInput(f"{location}: {what} not found; check --data")
 
 
-def image_files(location: str) -> list[str]:
-    """Relative paths of the image files under a folder (recursive)."""
-    return [p for p, _ in storage.list_files(location) if p.lower().endswith(IMAGE_SUFFIXES)]
+class SkippedFiles(UserWarning):
+    """Files in an image folder that are not images; searchspace.run prints each such warning as one line."""
+
+
+def image_files(location: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """Relative paths of the image files under a folder (recursive); other files are skipped with a warning.
+
+    ``skip``: relative path prefixes left out altogether (a subfolder read on its own).
+    """
+    files = [p for p, _ in storage.list_files(location) if not p.startswith(skip)]
+    images = [p for p in files if p.lower().endswith(IMAGE_SUFFIXES)]
+    other = [p for p in files if not p.lower().endswith(IMAGE_SUFFIXES)]
+    if other:
+        shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        warnings.warn(SkippedFiles(f"{location}: skipping {len(other)} file(s) that are not images "
+                                   f"({', '.join(IMAGE_SUFFIXES)}): {shown}"), stacklevel=2)
+    return images
 
 
 def match_ids(ids: list[str], folder: str, files: list[str], csv: str) -> list[str]:

@@ -3,7 +3,7 @@
 Checks the data before any trial starts, writes the experiment's index, runs
 Ray Tune (Optuna TPE sampling, ASHA early stopping; one trial = one config on
 fold 0), and writes trials.parquet and each trial's holdout predictions as a
-candidate. See ../shared/DESIGN.md for the experiment contract.
+candidate. docs/design.md describes the experiment contract.
 """
 from __future__ import annotations
 
@@ -13,20 +13,22 @@ import functools
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from searchspace.data import build_index
+from searchspace.data import SkippedFiles, build_index
 from searchspace.tasks import TASKS, get_task
 from trainer import storage
 from trainer.cache import default_cache_dir, fingerprint
 from trainer.errors import BadInput
-from trainer.fit import probs_array, probs_table
 from trainer.images import scan
 from trainer.metrics import METRICS
 from trainer.model import check_arch
+from trainer import weights as weights_mod
+from trainer.weights import MODES as PRETRAINED_MODES
 
 DEFAULT_RUNS = "runs"
 STUDY_FILE = "optuna_journal.log"
@@ -56,6 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--aug-backend", choices=["kornia", "albumentations"],
                    help="force the augmentation backend (default: kornia on GPU, albumentations on CPU)")
     p.add_argument("--weights-dir", help="folder of local pretrained weights, <arch>.safetensors or <arch>.pth")
+    p.add_argument("--pretrained", choices=PRETRAINED_MODES,
+                   help="auto: fine-tune where weights resolve offline (weights dir, HF cache, the hub if it answers "
+                        "in seconds), train the rest from scratch; yes: stop if any architecture lacks weights; "
+                        "no: all from scratch (default: auto; digits: no)")
+    p.add_argument("--search-pretrained", action="store_true",
+                   help="make pretrained-or-scratch a searched choice for architectures that have weights")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="leave unreadable images out (recorded in experiment.json) instead of stopping")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial, from its last checkpoint")
@@ -71,6 +79,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --- options -----------------------------------------------------------------
+
+def check_options(args) -> None:
+    """Numeric options that the budget does not cover, checked before anything starts."""
+    for name, low, strict in (("cpus_per_trial", 0, True), ("gpus_per_trial", 0, False),
+                              ("max_concurrent", 0, False), ("max_failures", 0, False)):
+        value = getattr(args, name)
+        if value < low or (strict and value == low):
+            raise BadInput(f"--{name.replace('_', '-')} {value}: must be {'more than' if strict else 'at least'} {low}")
+
 
 def budget(task, args) -> dict:
     b = dict(task.BUDGET)
@@ -104,15 +121,22 @@ def architectures(task, args) -> dict[str, list[int]]:
 
 # --- data --------------------------------------------------------------------
 
-def prepare(task, args, b: dict, experiment: str) -> dict:
-    """Load and check the data, write folds/test/experiment.json; returns the trial context."""
+def prepare(task, args, b: dict, experiment: str, archs: dict | None = None) -> dict:
+    """Load and check the data and the weights, write folds/test/experiment.json; returns the trial context."""
     data = args.data
     if data is None:
         if not hasattr(task, "default_data"):
             raise BadInput(f"task {args.task!r} needs --data (a folder or URI with the images)")
         data = task.default_data(args.cache_dir)
     data = storage.absolute(data)
-    dataset = task.load(data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SkippedFiles)
+        dataset = task.load(data)
+    for w in caught:
+        print(f"warning: {w.message}", flush=True)
+    if dataset.test is not None and dataset.test.empty:
+        print("the test folder holds no images: no test set, so no test predictions and no submission", flush=True)
+        dataset.test = None
 
     train_paths = dataset.train["path"].tolist()
     test_paths = dataset.test["path"].tolist() if dataset.test is not None else []
@@ -127,6 +151,7 @@ def prepare(task, args, b: dict, experiment: str) -> dict:
     train = dataset.train[keep]
     index, classes = build_index(train.reset_index(drop=True), b["folds"], args.seed)
     size_of = dict(zip(train_paths + test_paths, sizes))
+    weights = resolve_weights(task, args, archs or architectures(task, args), experiment)
     storage.write_parquet(storage.join(experiment, "folds.parquet"), pa.Table.from_pandas(index, preserve_index=False))
 
     test_key = None
@@ -143,7 +168,7 @@ def prepare(task, args, b: dict, experiment: str) -> dict:
         experiment=experiment, cache_dir=os.path.abspath(args.cache_dir), metric=task.METRIC,
         data_key=fingerprint(index["path"].tolist(), [size_of[p] for p in index["path"]]),
         test_key=test_key, num_classes=len(classes), max_epochs=b["max_epochs"],
-        aug_backend=args.aug_backend, weights_dir=args.weights_dir,
+        aug_backend=args.aug_backend, weights=weights, search_pretrained=args.search_pretrained,
         tta=getattr(task, "FLIP_TTA", True) and not args.no_tta,
         cpus_per_trial=args.cpus_per_trial, seed=args.seed)
     storage.write_json(storage.join(experiment, "experiment.json"), dict(
@@ -153,8 +178,30 @@ def prepare(task, args, b: dict, experiment: str) -> dict:
         skipped_unreadable=bad, context=ctx, versions=versions(),
         created=datetime.datetime.now().isoformat(timespec="seconds")))
     print(f"{len(index)} training images in {len(classes)} classes, {b['folds']} folds"
-          + (f", {len(test)} test images" if dataset.test is not None else ""), flush=True)
+          + (f", {len(test)} test images" if dataset.test is not None else ", no test set"), flush=True)
     return ctx
+
+
+def resolve_weights(task, args, archs: dict, experiment: str) -> dict[str, str | None]:
+    """{arch: weights location or None}, found before any trial; one line per architecture.
+
+    Trials get a file to load and never go to the hub themselves. When the
+    experiment lives in a bucket, each file is copied into it once
+    (``weights/<arch><suffix>``), so that every node of a cluster can read it.
+    """
+    mode = args.pretrained or getattr(task, "PRETRAINED", "auto")
+    resolved = weights_mod.resolve(list(archs), args.weights_dir, mode)
+    out = {}
+    for arch, r in resolved.items():
+        if mode != "no":
+            print(weights_mod.describe(r), flush=True)
+        location = r.file
+        if location and storage.is_uri(experiment):
+            location = storage.join(experiment, "weights", arch + os.path.splitext(r.file)[1])
+            with open(r.file, "rb") as f:
+                storage.write_bytes(location, f.read())
+        out[arch] = location
+    return out
 
 
 def mode_of(metric: str) -> str:
@@ -180,9 +227,9 @@ def build_tuner(task, args, ctx: dict, b: dict, archs: dict, experiment: str):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     from searchspace.progress import Progress
+    from searchspace.searcher import TruthfulOptunaSearch
 
     metric, mode = task.METRIC, mode_of(task.METRIC)
     fs, root = storage.resolve(experiment)
@@ -191,10 +238,13 @@ def build_tuner(task, args, ctx: dict, b: dict, archs: dict, experiment: str):
     # ASHA takes them from TuneConfig (giving them to it too is an error).
     # The study lives in a journal file that optuna-dashboard opens.
     journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(study_file(experiment, args)))
-    searcher = OptunaSearch(
-        space=functools.partial(task.define_search_space, archs=archs),
+    # ASHA-stopped trials are told PRUNED, not COMPLETE with an early score.
+    has_weights = {arch: ctx["weights"].get(arch) is not None for arch in archs}
+    searcher = TruthfulOptunaSearch(
+        space=functools.partial(task.define_search_space, archs=archs, pretrained=has_weights,
+                                search_pretrained=ctx.get("search_pretrained", False)),
         metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=args.seed),
-        study_name=name, storage=journal)
+        study_name=name, storage=journal, max_t=b["max_epochs"])
     # The limiter also sets how many trials Tune samples ahead; without it
     # Tune keeps one pending trial and a second slot idles while actors start.
     searcher = ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent or concurrency(args))
@@ -207,17 +257,18 @@ def build_tuner(task, args, ctx: dict, b: dict, archs: dict, experiment: str):
         run_config=tune.RunConfig(
             name=name, storage_path=parent, storage_filesystem=fs, verbose=0,
             callbacks=[Progress(metric, mode, b["max_epochs"], b["trials"])],
-            # Keep the best epoch for the candidates and the latest to resume from.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
-                                                    checkpoint_score_order=mode),
+            # The latest checkpoint only: a retry resumes from it, a trial's candidate is its
+            # final epoch (never an epoch picked on the holdout), and a completed trial's
+            # final checkpoint is fold 0 of its cross-fit.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=args.max_failures)))
 
 
-def trainable(args, ctx: dict):
+def trainable(args, ctx: dict, crossfit: bool = False):
     from ray import tune
 
-    from trainer.fit import train_trial
-    return tune.with_resources(tune.with_parameters(train_trial, ctx=ctx),
+    from trainer.fit import crossfit_fold, train_trial
+    return tune.with_resources(tune.with_parameters(crossfit_fold if crossfit else train_trial, ctx=ctx),
                                {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
 
 
@@ -241,27 +292,35 @@ def concurrency(args) -> int:
 
 
 def collect(results, task, experiment: str, max_epochs: int) -> pd.DataFrame:
-    """trials.parquet and candidates/<trial_id>/ from a ResultGrid."""
+    """trials.parquet and candidates/<trial_id>/ from a ResultGrid.
+
+    ``score`` is the metric at a trial's last epoch and its candidate is that
+    epoch's holdout prediction: choosing the best epoch by the holdout score
+    and then ensembling those same predictions would be optimistic.
+    ``best_score``/``best_epoch`` are kept to show the learning curve's peak.
+    ``completed``: the trial ran its whole schedule (ASHA did not stop it).
+    """
     metric, mode = task.METRIC, mode_of(task.METRIC)
     rows = []
     for result in results:
         config = {k: v for k, v in (result.config or {}).items() if not k.startswith("image_size_")}
         history = result.metrics_dataframe
         row = {"trial_id": (result.metrics or {}).get("trial_id") or os.path.basename(result.path), **config,
-               "metric": metric, "best_score": None, "best_epoch": None, "epochs_run": 0,
-               "stopped_early": False, "seconds": (result.metrics or {}).get("time_total_s"),
+               "metric": metric, "score": None, "best_score": None, "best_epoch": None, "epochs_run": 0,
+               "completed": False, "stopped_early": False, "seconds": (result.metrics or {}).get("time_total_s"),
                "status": "error" if result.error else "ok",
                "error": str(result.error).strip().splitlines()[-1][:500] if result.error else None,
                "checkpoint": None}
-        if history is not None and metric in history:
+        if history is not None and metric in history and len(history):
+            history = history.drop_duplicates("epoch", keep="last")   # a retried trial repeats epochs
             best = history[metric].idxmax() if mode == "max" else history[metric].idxmin()
-            row.update(best_score=float(history[metric][best]), best_epoch=int(history["epoch"][best]),
-                       epochs_run=int(history["epoch"].max()))
+            last = history["epoch"].idxmax()
+            row.update(score=float(history[metric][last]), best_score=float(history[metric][best]),
+                       best_epoch=int(history["epoch"][best]), epochs_run=int(history["epoch"][last]))
+            row["completed"] = row["epochs_run"] >= max_epochs and not result.error
             row["stopped_early"] = row["epochs_run"] < max_epochs and not result.error
-        kept = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
-        if kept:
-            ckpt, _ = (max if mode == "max" else min)(kept, key=lambda cm: cm[1][metric])
-            uri = checkpoint_uri(experiment, ckpt.path)
+        if result.checkpoint is not None and row["score"] is not None:
+            uri = checkpoint_uri(experiment, result.checkpoint.path)
             row["checkpoint"] = uri
             write_candidate(experiment, row["trial_id"], [dict(checkpoint=uri, fold=0)],
                             storage.read_parquet(storage.join(uri, "holdout.parquet")), config)
@@ -269,6 +328,12 @@ def collect(results, task, experiment: str, max_epochs: int) -> pd.DataFrame:
     trials = pd.DataFrame(rows)
     storage.write_parquet(storage.join(experiment, "trials.parquet"), pa.Table.from_pandas(trials, preserve_index=False))
     return trials
+
+
+def ranked(trials: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """Trials best first: those that ran their whole schedule, then by final score."""
+    ok = trials[trials["score"].notna()]
+    return ok.sort_values(["completed", "score"], ascending=[False, mode == "min"], kind="stable")
 
 
 def checkpoint_uri(experiment: str, path_in_fs: str) -> str:
@@ -287,10 +352,10 @@ def write_candidate(experiment: str, cid: str, members: list[dict], oof: pa.Tabl
 
 
 def leaderboard(trials: pd.DataFrame, metric: str, mode: str, top: int = 15) -> str:
-    ok = trials[trials["best_score"].notna()].sort_values("best_score", ascending=mode == "min")
-    cols = ["trial_id", "arch", "image_size", "optimizer", "lr", "batch_size", "best_score", "best_epoch",
+    ok = ranked(trials, mode)
+    cols = ["trial_id", "arch", "image_size", "pretrained", "optimizer", "lr", "batch_size", "score", "best_epoch",
             "epochs_run", "stopped_early", "seconds"]
-    table = ok[[c for c in cols if c in ok]].head(top).rename(columns={"best_score": metric})
+    table = ok[[c for c in cols if c in ok]].head(top).rename(columns={"score": metric})
     failed = trials[trials["status"] == "error"]
     text = table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
     if len(failed):
@@ -301,18 +366,24 @@ def leaderboard(trials: pd.DataFrame, metric: str, mode: str, top: int = 15) -> 
 # --- cross-fit -----------------------------------------------------------------
 
 def crossfit_jobs(trials: pd.DataFrame, experiment: str, top: int, folds: int, mode: str) -> tuple[list[str], list[dict]]:
-    """The top configs' candidate ids, and a job for every fold not yet done."""
-    ranked = trials[trials["checkpoint"].notna()].sort_values("best_score", ascending=mode == "min").head(top)
+    """The top configs' candidate ids, and a job for every fold not yet done.
+
+    Only trials that ran their whole schedule are cross-fitted, each at that
+    schedule's length: every fold then trains exactly the recipe whose fold-0
+    score the search saw. Fold 0 is that trial's final checkpoint.
+    """
+    done = ranked(trials, mode)
+    done = done[done["completed"] & done["checkpoint"].notna()].head(top)
     cids, jobs = [], []
-    for row in ranked.itertuples():
+    for row in done.itertuples():
         cid = f"cv-{row.trial_id}"
         cids.append(cid)
         config = storage.read_json(storage.join(experiment, "candidates", row.trial_id, "members.json"))["config"]
         for fold in range(folds):
             if storage.exists(storage.join(experiment, "candidates", cid, "folds", str(fold), "done.json")):
                 continue
-            job = {**config, "fold": fold, "epochs": int(row.best_epoch), "candidate": cid}
-            if fold == 0:  # fold 0 is the search trial itself: reuse its best checkpoint
+            job = {**config, "fold": fold, "epochs": int(row.epochs_run), "candidate": cid}
+            if fold == 0:
                 job["from_checkpoint"] = row.checkpoint
             jobs.append(job)
     return cids, jobs
@@ -324,7 +395,7 @@ def build_crossfit_tuner(args, ctx: dict, jobs: list[dict], experiment: str):
 
     fs, root = storage.resolve(experiment)
     return tune.Tuner(
-        trainable(args, ctx), param_space={"job": tune.grid_search(jobs)},
+        trainable(args, ctx, crossfit=True), param_space={"job": tune.grid_search(jobs)},
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=args.max_concurrent or None),
         run_config=tune.RunConfig(
             name=f"crossfit-{datetime.datetime.now():%Y%m%d-%H%M%S}", storage_path=root, storage_filesystem=fs,
@@ -345,8 +416,8 @@ def assemble(experiment: str, cid: str, index: pd.DataFrame, folds: int) -> bool
     test = None
     if storage.exists(storage.join(done[0], "test.parquet")):
         parts = [storage.read_parquet(storage.join(d, "test.parquet")) for d in done]
-        mean = np.mean([probs_array(t) for t in parts], axis=0)
-        test = probs_table(parts[0].column("sample_id").to_pylist(), mean)
+        mean = np.mean([storage.probs_array(t) for t in parts], axis=0)
+        test = storage.probs_table(parts[0].column("sample_id").to_pylist(), mean)
     members = [storage.read_json(storage.join(d, "done.json")) for d in done]
     source = storage.read_json(storage.join(experiment, "candidates", cid.removeprefix("cv-"), "members.json"))
     write_candidate(experiment, cid, members, oof, source["config"], test)
@@ -365,7 +436,7 @@ def crossfit(args, experiment: str) -> int:
     ctx["tta"] = ctx.get("tta", True) and not args.no_tta
     cids, jobs = crossfit_jobs(trials, experiment, top, meta["folds"], meta["mode"])
     if not cids:
-        print("cross-fit: no trial has a checkpoint; nothing to cross-fit")
+        print("cross-fit: no trial ran its whole schedule; nothing to cross-fit")
         return 0
     print(f"\ncross-fit: {len(cids)} config(s) x {meta['folds']} folds; {len(jobs)} fold job(s) to run "
           f"({len(cids) * meta['folds'] - len(jobs)} already done)", flush=True)
@@ -382,7 +453,7 @@ def crossfit(args, experiment: str) -> int:
                 or assemble(experiment, cid, index, meta["folds"])]
     for cid in complete:
         oof = storage.read_parquet(storage.join(experiment, "candidates", cid, "oof.parquet"))
-        probs = probs_array(oof)
+        probs = storage.probs_array(oof)
         y = index.set_index("sample_id").loc[oof.column("sample_id").to_pylist(), "label"].to_numpy()
         score = METRICS[meta["metric"]][0](y, probs)
         print(f"  {cid}: out-of-fold {meta['metric']} {score:.4f} over {len(y)} images")
@@ -402,6 +473,7 @@ def start_ray() -> None:
 
 def run(args: argparse.Namespace) -> int:
     task = get_task(args.task)
+    check_options(args)
     if args.crossfit_only:
         if not args.experiment:
             raise BadInput("--crossfit-only needs --experiment (the experiment folder or URI)")
@@ -421,7 +493,7 @@ def run(args: argparse.Namespace) -> int:
     experiment = storage.join(storage_root, name)
     if storage.exists(storage.join(experiment, "experiment.json")):
         raise BadInput(f"{experiment}: already exists; pass --resume to continue it, or choose another --name")
-    ctx = prepare(task, args, b, experiment)
+    ctx = prepare(task, args, b, experiment, archs)
 
     start_ray()
     print(f"experiment {experiment}: {b['trials']} trials, {', '.join(archs)}; "

@@ -347,11 +347,11 @@ def tiny_experiment(tmp_path_factory, ray_session, weights_dir):
     """One real search through searchspace.run.main, shared by the whole session.
 
     Paddy layout, 3 classes x 10 images, 6 test images, 3 folds; test_resnet at
-    16 or 24 px, 3 trials of at most 2 epochs (ASHA grace 1), then the
-    cross-fit of the best 2 configs (candidates cv-<trial_id> with full
-    out-of-fold coverage). pretrained is in the paddy space, so --weights-dir
-    points at a local test_resnet.pth (there is no network). Asserts that
-    main() returned 0; its stdout is kept in ``.stdout``.
+    16 or 24 px, 3 trials of 2 epochs (ASHA grace 2: none is stopped, so all
+    three ran their whole schedule), then the cross-fit of the best 2 configs
+    (candidates cv-<trial_id> with full out-of-fold coverage). --weights-dir
+    holds a local test_resnet.pth, so the trials fine-tune it (there is no
+    network). Asserts that main() returned 0; its stdout is kept in ``.stdout``.
     """
     import contextlib
     import io
@@ -362,7 +362,7 @@ def tiny_experiment(tmp_path_factory, ray_session, weights_dir):
     data = make_paddy(base / "data", classes=3, per_class=10, test=6)
     storage, cache_dir = base / "runs", base / "cache"
     argv = ["paddy", "--data", str(data), "--archs", "test_resnet", "--image-sizes", "16,24",
-            "--trials", "3", "--max-epochs", "2", "--grace-period", "1", "--folds", "3",
+            "--trials", "3", "--max-epochs", "2", "--grace-period", "2", "--folds", "3",
             "--storage", str(storage), "--cache-dir", str(cache_dir), "--name", "tiny", "--seed", "0",
             "--weights-dir", str(weights_dir), "--crossfit-top", "2"]
     out = io.StringIO()

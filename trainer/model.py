@@ -1,14 +1,10 @@
-"""timm models: creation with pretrained weights from the hub or a local file, and freezing."""
+"""timm models: creation with pretrained weights from a resolved local file, and freezing."""
 from __future__ import annotations
-
-import os
 
 import timm
 import torch
 
 from trainer.errors import BadInput
-
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 def check_arch(name: str) -> None:
@@ -16,30 +12,16 @@ def check_arch(name: str) -> None:
         raise BadInput(f"unknown timm model {name!r}; see timm.list_models() for the names")
 
 
-def local_weights(arch: str, weights_dir: str | None) -> str | None:
-    """<weights_dir>/<arch>{.safetensors,.pth,...}, also without a '.tag' suffix."""
-    if not weights_dir:
-        return None
-    for name in (arch, arch.split(".")[0]):
-        for suffix in WEIGHT_SUFFIXES:
-            path = os.path.join(weights_dir, name + suffix)
-            if os.path.exists(path):
-                return path
-    return None
+def create(arch: str, num_classes: int, image_size: int, weights: str | None = None,
+           freeze_fraction: float = 0.0) -> torch.nn.Module:
+    """A timm model with a fresh head of ``num_classes``; pretrained when ``weights`` names a local file.
 
-
-def create(arch: str, num_classes: int, image_size: int, pretrained: bool = False,
-           weights_dir: str | None = None, freeze_fraction: float = 0.0) -> torch.nn.Module:
-    """A timm model with a fresh head of ``num_classes``.
-
-    Pretrained weights come from a local file when ``weights_dir`` has one
-    for the architecture, else from timm's hub download (which also uses the
-    Hugging Face cache, so a machine that downloaded once can go offline).
+    The file was found before the search by ``trainer.weights.resolve``; timm
+    never goes to the hub from here (offline, its download retries for minutes).
     """
-    kwargs = dict(pretrained=pretrained, num_classes=num_classes)
-    path = local_weights(arch, weights_dir) if pretrained else None
-    if path:
-        kwargs["pretrained_cfg_overlay"] = dict(file=path)
+    kwargs = dict(pretrained=weights is not None, num_classes=num_classes)
+    if weights is not None:
+        kwargs["pretrained_cfg_overlay"] = dict(file=weights)
     try:
         # Transformers need the input size fixed at creation; CNNs refuse the argument.
         model = timm.create_model(arch, img_size=image_size, **kwargs)

@@ -7,26 +7,45 @@ so one policy config drives both augmentation backends.
 from __future__ import annotations
 
 
-def suggest_model(trial, archs: dict[str, list[int]], pretrained: bool | None = None) -> dict:
-    """Architecture, then an image size among the ones that architecture allows."""
+def suggest_model(trial, archs: dict[str, list[int]], pretrained: dict[str, bool] | None = None,
+                  search_pretrained: bool = False) -> dict:
+    """Architecture, an image size among the ones it allows, and whether it starts from pretrained weights.
+
+    ``pretrained`` says which architectures have weights (resolved before the
+    search): those fine-tune, the others train from scratch. Only with
+    ``search_pretrained`` is that a searched choice, for the architectures
+    that have weights.
+    """
     arch = trial.suggest_categorical("arch", sorted(archs))
     # A per-architecture parameter name keeps the size choice conditional
     # (Optuna needs fixed choices per name); it is returned as image_size.
     size = trial.suggest_categorical(f"image_size_{arch}", archs[arch])
     trial.suggest_categorical("resize_mode", ["squish", "crop", "letterbox"])
-    if pretrained is None:
-        trial.suggest_categorical("pretrained", [True, False])
-    trial.suggest_float("freeze_fraction", 0.0, 0.75, step=0.25)
-    return {"image_size": size}
+    use = bool((pretrained or {}).get(arch))
+    if use and search_pretrained:
+        use = trial.suggest_categorical("pretrained", [True, False])
+    if use:  # freezing only makes sense for weights that already mean something
+        trial.suggest_float("freeze_fraction", 0.0, 0.75, step=0.25)
+    return {"image_size": size, "pretrained": use}
 
 
-def suggest_optimiser(trial, lr: tuple[float, float], batch_sizes: list[int]) -> None:
+# Fine-tuning pretrained weights wants a small learning rate; training from
+# scratch a larger one. Separate parameter names keep the two TPE models apart.
+LR_FINETUNE = (1e-4, 3e-3)
+LR_SCRATCH = (1e-3, 3e-2)
+
+
+def suggest_optimiser(trial, pretrained: bool, batch_sizes: list[int],
+                      lr_finetune: tuple[float, float] = LR_FINETUNE,
+                      lr_scratch: tuple[float, float] = LR_SCRATCH) -> dict:
     trial.suggest_categorical("optimizer", ["adamw", "sgd"])
-    trial.suggest_float("lr", *lr, log=True)
+    lr = trial.suggest_float("lr", *lr_finetune, log=True) if pretrained else \
+        trial.suggest_float("lr_scratch", *lr_scratch, log=True)
     trial.suggest_float("weight_decay", 1e-6, 1e-1, log=True)
     trial.suggest_categorical("batch_size", batch_sizes)
     trial.suggest_categorical("schedule", ["cosine", "onecycle"])
     trial.suggest_float("warmup_fraction", 0.0, 0.2)
+    return {"lr": lr}
 
 
 def suggest_loss(trial) -> None:

@@ -36,9 +36,10 @@ ARCHS = {
 VALID_NAMES = ("valid", "validation", "val")
 
 
-def define_search_space(trial, archs: dict[str, list[int]] = ARCHS) -> dict:
-    constants = suggest_model(trial, archs)
-    suggest_optimiser(trial, lr=(1e-4, 3e-3), batch_sizes=[32, 64])
+def define_search_space(trial, archs: dict[str, list[int]] = ARCHS, pretrained: dict[str, bool] | None = None,
+                        search_pretrained: bool = False) -> dict:
+    constants = suggest_model(trial, archs, pretrained, search_pretrained)
+    constants.update(suggest_optimiser(trial, constants["pretrained"], batch_sizes=[32, 64]))
     suggest_loss(trial)
     # Faces are upright and left-right symmetric: no vertical flips.
     suggest_augmentation(trial, rotate_max=10.0, vflip=False)

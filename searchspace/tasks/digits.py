@@ -30,16 +30,18 @@ ARCHS = {
 }
 VERSION = "v1"
 FLIP_TTA = False  # a mirrored digit is another glyph
+# No downloads for the default task: its tiny models train from scratch.
+PRETRAINED = "no"
 
 
-def define_search_space(trial, archs: dict[str, list[int]] = ARCHS) -> dict:
-    # No downloads for the default task: tiny models train from scratch.
-    constants = suggest_model(trial, archs, pretrained=False)
-    suggest_optimiser(trial, lr=(1e-3, 3e-2), batch_sizes=[32, 64])
+def define_search_space(trial, archs: dict[str, list[int]] = ARCHS, pretrained: dict[str, bool] | None = None,
+                        search_pretrained: bool = False) -> dict:
+    constants = suggest_model(trial, archs, pretrained, search_pretrained)
+    constants.update(suggest_optimiser(trial, constants["pretrained"], batch_sizes=[32, 64]))
     suggest_loss(trial)
     # Digits are not mirror-symmetric: no flips.
     suggest_augmentation(trial, rotate_max=15.0, jpeg=False, hflip=False, vflip=False)
-    return {"pretrained": False, **constants}
+    return constants
 
 
 def default_data(cache_dir: str) -> str:

@@ -18,9 +18,10 @@ ARCHS = {
 }
 
 
-def define_search_space(trial, archs: dict[str, list[int]] = ARCHS) -> dict:
-    constants = suggest_model(trial, archs)
-    suggest_optimiser(trial, lr=(1e-4, 3e-3), batch_sizes=[32, 64])
+def define_search_space(trial, archs: dict[str, list[int]] = ARCHS, pretrained: dict[str, bool] | None = None,
+                        search_pretrained: bool = False) -> dict:
+    constants = suggest_model(trial, archs, pretrained, search_pretrained)
+    constants.update(suggest_optimiser(trial, constants["pretrained"], batch_sizes=[32, 64]))
     suggest_loss(trial)
     suggest_augmentation(trial)
     return constants
@@ -29,5 +30,5 @@ def define_search_space(trial, archs: dict[str, list[int]] = ARCHS) -> dict:
 def load(data: str) -> Dataset:
     require_dir(data, "the image folder")
     root = storage.join(data, "train") if storage.is_dir(storage.join(data, "train")) else data
-    files = [f for f in image_files(root) if not f.startswith("test/")]
+    files = image_files(root, skip=("test/",))
     return Dataset(train=folder_classes(root, files), test=flat_test(storage.join(data, "test")))

@@ -27,9 +27,10 @@ ARCHS = {
 }
 
 
-def define_search_space(trial, archs: dict[str, list[int]] = ARCHS) -> dict:
-    constants = suggest_model(trial, archs)
-    suggest_optimiser(trial, lr=(1e-4, 3e-3), batch_sizes=[32, 64])
+def define_search_space(trial, archs: dict[str, list[int]] = ARCHS, pretrained: dict[str, bool] | None = None,
+                        search_pretrained: bool = False) -> dict:
+    constants = suggest_model(trial, archs, pretrained, search_pretrained)
+    constants.update(suggest_optimiser(trial, constants["pretrained"], batch_sizes=[32, 64]))
     suggest_loss(trial)
     suggest_augmentation(trial, rotate_max=20.0)
     return constants

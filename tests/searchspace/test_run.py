@@ -134,7 +134,9 @@ def test_a_class_with_fewer_images_than_folds(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("option,value", [("--folds", "1"), ("--image-sizes", "big"), ("--image-sizes", "4"),
-                                          ("--max-epochs", "0"), ("--trials", "0")])
+                                          ("--max-epochs", "0"), ("--trials", "0"), ("--max-concurrent", "-1"),
+                                          ("--gpus-per-trial", "-0.5"), ("--cpus-per-trial", "0"),
+                                          ("--max-failures", "-1")])
 def test_bad_option_values(tmp_path, capsys, option, value):
     root = make_paddy(tmp_path / "data", test=0)
     argv = _argv("paddy", root, tmp_path)
@@ -291,15 +293,16 @@ def test_search_writes_the_experiment(tiny_experiment):
     trials = storage.read_parquet(str(exp / "trials.parquet")).to_pandas()
     assert len(trials) == tiny_experiment.trials
     assert trials["trial_id"].is_unique
-    for column in ("trial_id", "arch", "image_size", "best_score", "best_epoch", "epochs_run", "stopped_early",
-                   "seconds", "checkpoint", "resize_mode", "lr"):
+    for column in ("trial_id", "arch", "image_size", "score", "best_score", "best_epoch", "epochs_run", "completed",
+                   "stopped_early", "seconds", "checkpoint", "resize_mode", "lr", "pretrained"):
         assert column in trials.columns, column
     assert not any(c.startswith("image_size_") for c in trials.columns)
     assert set(trials["arch"]) == {"test_resnet"}
     assert set(trials["image_size"]) <= {16, 24}
     ok = trials[trials["checkpoint"].notna()]
     assert len(ok) >= 1
-    assert ok["best_score"].between(0, 1).all()
+    assert ok["best_score"].between(0, 1).all() and ok["score"].between(0, 1).all()
+    assert (ok["completed"] == (ok["epochs_run"] == tiny_experiment.max_epochs)).all()
     assert (ok["epochs_run"].between(1, tiny_experiment.max_epochs)).all()
     assert (ok["best_epoch"] <= ok["epochs_run"]).all() and (ok["best_epoch"] >= 1).all()
     assert (ok["stopped_early"] == (ok["epochs_run"] < tiny_experiment.max_epochs)).all()
@@ -318,12 +321,12 @@ def test_search_writes_the_experiment(tiny_experiment):
         members = json.loads((cand / "members.json").read_text())
         assert members["members"][0]["checkpoint"] == row.checkpoint
         assert members["config"]["arch"] == "test_resnet"
-        # the checkpoint is the trial's best epoch, inside the experiment
+        # the checkpoint is the trial's last epoch (never one picked on the holdout), inside the experiment
         assert storage.exists(storage.join(row.checkpoint, "model.pt"))
         assert row.checkpoint.startswith(str(exp))
         config = storage.read_json(storage.join(row.checkpoint, "config.json"))
-        assert config["epoch"] == row.best_epoch
-        assert config["accuracy"] == pytest.approx(row.best_score)
+        assert config["epoch"] == row.epochs_run
+        assert config["accuracy"] == pytest.approx(row.score)
 
     test = storage.read_parquet(str(exp / "test.parquet")).to_pandas()
     assert list(test.columns) == ["sample_id", "path"]
@@ -343,7 +346,7 @@ def test_search_prints_progress_and_the_leaderboard(tiny_experiment):
     header = next(line for line in out.splitlines() if line.split()[:2] == ["trial_id", "arch"])
     assert "accuracy" in header.split() and "epochs_run" in header.split()
     trials = storage.read_parquet(str(tiny_experiment.experiment / "trials.parquet")).to_pandas()
-    for trial_id in trials.loc[trials["best_score"].notna(), "trial_id"]:
+    for trial_id in trials.loc[trials["score"].notna(), "trial_id"]:
         assert trial_id in out
 
 

@@ -171,7 +171,8 @@ def test_imagefolder_ignores_non_images(tmp_path):
     root = make_imagefolder(tmp_path / "if", classes=2, per_class=3, test=False)
     (root / "class_a" / "README.txt").write_text("notes")
     (root / "class_a" / ".DS_Store").write_bytes(b"\0")
-    assert len(imagefolder.load(str(root)).train) == 6
+    with pytest.warns(UserWarning, match="skipping 2 file"):
+        assert len(imagefolder.load(str(root)).train) == 6
 
 
 # --- digits --------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""trainer.fit.train_trial: one epoch of one config inside a real 1-trial Ray Tune run.
+"""trainer.fit: one epoch of one config inside a real 1-trial Ray Tune run, a cross-fit fold job,
+and every schedule, optimiser and mix setting on a dataset too small for one batch.
 
 The experiment is prepared by searchspace.run's own data step (folds.parquet,
 experiment.json) on a tiny paddy dataset; the trial reads the node cache,
@@ -19,7 +20,9 @@ from conftest import make_paddy, prepare_experiment
 
 from trainer import storage
 from trainer.cache import cached_images
-from trainer.fit import probs_table, train_trial, warmup_cosine
+from trainer.fit import Run, crossfit_fold, train_trial
+from trainer.recipe import lr_factor
+from trainer.storage import probs_table
 from trainer.inference import load_model, predict_probs
 
 CONFIG = {
@@ -44,11 +47,12 @@ def prepared(tmp_path_factory):
     return types.SimpleNamespace(base=base, ctx=ctx, index=index, experiment=experiment)
 
 
-def _run_one_trial(ctx: dict, config: dict, storage_path: Path, name: str, resources: dict | None = None):
+def _run_one_trial(ctx: dict, config: dict, storage_path: Path, name: str, resources: dict | None = None,
+                   trainable=train_trial):
     from ray import tune
 
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(train_trial, ctx=ctx), resources or {"cpu": 1}),
+        tune.with_resources(tune.with_parameters(trainable, ctx=ctx), resources or {"cpu": 1}),
         param_space=config,
         tune_config=tune.TuneConfig(num_samples=1),
         run_config=tune.RunConfig(name=name, storage_path=str(storage_path), verbose=0,
@@ -109,16 +113,52 @@ def test_one_epoch_reports_and_checkpoints(prepared, ray_session, tmp_path, back
     assert len(entry) == 1 and entry[0]["decoded"] == len(prepared.index)
 
 
-def test_a_fold_job_holds_out_its_own_fold(prepared, ray_session, tmp_path):
-    """A cross-fit style job ({"job": {..., "fold": k, "epochs": n}}) trains on the other folds and scores fold k."""
-    job = {**CONFIG, "fold": 2, "epochs": 1, "mix": "cutmix", "schedule": "cosine", "optimizer": "sgd",
-           "resize_mode": "crop"}
-    result = _run_one_trial(prepared.ctx, {"job": job}, tmp_path, "fold2")
-    assert result.metrics["fold"] == 2 and result.metrics["epoch"] == 1
+def test_a_fold_job_holds_out_its_own_fold_and_writes_its_record(prepared, ray_session, tmp_path):
+    """A cross-fit job ({"job": {..., "fold": k, "epochs": n, "candidate": id}}) trains on the other
+    folds for the whole schedule, scores fold k, and writes the fold record with done.json last."""
+    job = {**CONFIG, "fold": 2, "epochs": 2, "mix": "cutmix", "schedule": "cosine", "optimizer": "sgd",
+           "resize_mode": "crop", "candidate": "cv-test"}
+    result = _run_one_trial(prepared.ctx, {"job": job}, tmp_path, "fold2", trainable=crossfit_fold)
+    assert result.metrics["fold"] == 2 and result.metrics["epoch"] == 2
+    assert len(result.metrics_dataframe) == 2   # the searched schedule's length, not squeezed
     with result.checkpoint.as_directory() as d:
         holdout = storage.read_parquet(os.path.join(d, "holdout.parquet"))
     fold2 = prepared.index.loc[prepared.index["fold"] == 2, "sample_id"].tolist()
     assert holdout.column("sample_id").to_pylist() == fold2
+    record = prepared.experiment / "candidates" / "cv-test" / "folds" / "2"
+    assert json.loads((record / "done.json").read_text()) == {"checkpoint": str(record), "fold": 2, "epochs": 2}
+    assert storage.read_parquet(str(record / "holdout.parquet")).column("sample_id").to_pylist() == fold2
+    assert json.loads((record / "config.json").read_text())["epochs"] == 2
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("mix", ["none", "mixup", "cutmix"])
+def test_every_schedule_optimiser_and_mix_trains_on_a_tiny_dataset(tiny_prepared, schedule, optimizer, mix):
+    """30 images, 2 folds: the batch (64) is larger than the training fold, so each epoch is one
+    step; OneCycleLR used to divide by zero here. Two epochs train and give finite losses."""
+    config = {**CONFIG, "batch_size": 64, "schedule": schedule, "optimizer": optimizer, "mix": mix,
+              "warmup_fraction": 0.2}
+    run = Run(config, tiny_prepared.ctx, fold=1, epochs=2)
+    assert len(run.loader) == 1 and run.loader.batch_size == len(run.train_rows) == 15
+    lrs = []
+    for epoch in range(2):
+        loss, _ = run.train_epoch()
+        assert math.isfinite(loss) and loss > 0
+        lrs.append(run.optimizer.param_groups[0]["lr"])
+        metrics, probs = run.evaluate(epoch + 1)
+        assert math.isfinite(metrics["val_loss"]) and probs.shape == (15, 3)
+    assert all(math.isfinite(lr) and lr >= 0 for lr in lrs)
+
+
+@pytest.fixture(scope="module")
+def tiny_prepared(tmp_path_factory):
+    """3 classes x 10 images, 2 folds: 15 training images per fold."""
+    base = tmp_path_factory.mktemp("tinyfit")
+    data = make_paddy(base / "data", classes=3, per_class=10, test=0)
+    argv = ["paddy", "--data", str(data), "--folds", "2", "--max-epochs", "2", "--storage", str(base / "runs"),
+            "--name", "tiny", "--cache-dir", str(base / "cache"), "--pretrained", "no"]
+    return types.SimpleNamespace(ctx=prepare_experiment(argv, base / "runs" / "tiny"))
 
 
 # --- the helpers -------------------------------------------------------------------
@@ -133,15 +173,31 @@ def test_probs_table_is_the_experiment_contract():
     assert np.allclose(np.stack(table.column("probs").to_numpy(zero_copy_only=False)), probs)
 
 
-def test_warmup_cosine_rises_then_decays_to_zero():
-    f = warmup_cosine(4, 20)
+def test_cosine_warms_up_then_decays_to_zero():
+    f = lr_factor("cosine", 0.2, 20)   # 4 warm-up steps
     warm = [f(s) for s in range(4)]
     assert warm == sorted(warm) and warm[-1] == pytest.approx(1.0)
     assert f(4) == pytest.approx(1.0)
     decay = [f(s) for s in range(4, 21)]
     assert all(a >= b for a, b in zip(decay, decay[1:]))
     assert f(20) == pytest.approx(0.0, abs=1e-9)
-    assert warmup_cosine(0, 10)(0) == pytest.approx(1.0)
+    assert lr_factor("cosine", 0.0, 10)(0) == pytest.approx(1.0)
+
+
+def test_onecycle_starts_low_peaks_and_ends_lower():
+    f = lr_factor("onecycle", 0.25, 40)
+    assert f(0) < 0.2 and f(0) < f(5) and max(f(s) for s in range(40)) == pytest.approx(1.0)
+    assert f(40) == pytest.approx(1 / 25 / 1e4)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+@pytest.mark.parametrize("steps", [1, 2, 3])
+@pytest.mark.parametrize("warmup", [0.0, 0.05, 0.2, 1.0])
+def test_every_schedule_is_finite_for_a_handful_of_steps(schedule, steps, warmup):
+    f = lr_factor(schedule, warmup, steps)
+    values = [f(s) for s in range(steps + 1)]
+    assert all(math.isfinite(v) and 0 <= v <= 1 for v in values)
+    assert max(values) > 0
 
 
 @pytest.mark.gpu

@@ -6,7 +6,8 @@ import timm
 import torch
 
 from trainer.errors import BadInput
-from trainer.model import check_arch, class_weights, create, freeze, local_weights
+from trainer.model import check_arch, class_weights, create, freeze
+from trainer.weights import local_weights
 
 
 def test_create_gives_the_requested_head_and_runs():
@@ -24,7 +25,7 @@ def test_pretrained_weights_come_from_a_local_file(weights_dir):
     torch.manual_seed(0)
     reference = timm.create_model("test_resnet").state_dict()  # what weights_dir/test_resnet.pth holds
     torch.manual_seed(123)  # a different init, so equality below means "loaded"
-    model = create("test_resnet", num_classes=3, image_size=16, pretrained=True, weights_dir=str(weights_dir))
+    model = create("test_resnet", num_classes=3, image_size=16, weights=local_weights("test_resnet", str(weights_dir)))
     state = model.state_dict()
     backbone = [k for k in reference if not k.startswith("fc.")]
     assert backbone
@@ -35,9 +36,9 @@ def test_pretrained_weights_come_from_a_local_file(weights_dir):
     assert reference["fc.weight"].shape[0] == 1000
 
 
-def test_without_pretrained_the_local_file_is_ignored(weights_dir):
+def test_without_a_weights_file_the_model_is_freshly_initialised(weights_dir):
     torch.manual_seed(123)
-    model = create("test_resnet", num_classes=3, image_size=16, pretrained=False, weights_dir=str(weights_dir))
+    model = create("test_resnet", num_classes=3, image_size=16)
     reference = torch.load(weights_dir / "test_resnet.pth", weights_only=True)
     assert not torch.equal(model.state_dict()["conv1.0.weight"], reference["conv1.0.weight"])
 

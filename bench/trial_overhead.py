@@ -58,9 +58,10 @@ def in_process(ctx: dict, cpus: int, max_epochs: int) -> dict[str, float]:
     from trainer import storage
     from trainer.augment import AugPolicy, albumentations_pipeline, mix_batch
     from trainer.cache import cached_images
-    from trainer.fit import CachedImages, warmup_cosine
+    from trainer.fit import CachedImages
     from trainer.inference import norm_stats, to_input
     from trainer.model import class_weights, create
+    from trainer.recipe import lr_factor
 
     t = {}
     clock = [time.perf_counter()]
@@ -90,14 +91,14 @@ def in_process(ctx: dict, cpus: int, max_epochs: int) -> dict[str, float]:
         dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=cpus - 1,
         pin_memory=False, persistent_workers=cpus > 1, generator=torch.Generator().manual_seed(0))
     lap("augmentation + dataset + DataLoader")
-    model = create(hp["arch"], num_classes, size, pretrained=False, freeze_fraction=0.0).to(device)
+    model = create(hp["arch"], num_classes, size).to(device)
     mean, std = norm_stats(model, device)
     weights = class_weights(labels[train_rows], num_classes, float(hp["class_weight_power"])).to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp["lr"],
                                   weight_decay=hp["weight_decay"])
     steps = max_epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(int(hp["warmup_fraction"] * steps), steps))
+        optimizer, lr_factor("cosine", hp["warmup_fraction"], steps))
     scaler = torch.amp.GradScaler(enabled=False)
     lap("model + loss weights + optimiser + schedule")
     model.train()

@@ -120,7 +120,7 @@ def prepare_digits_cache(cache_dir: str, folds: int, seed: int, sizes, modes=("s
     """Write the digits PNGs and build the node cache for every (size, mode), exactly as a search keys it.
 
     Returns (data folder, the index DataFrame with folds, class names, cache key). The key is
-    computed the way searchspace.run.prepare computes it (fingerprint of the
+    computed the way searchspace.prepare.prepare computes it (fingerprint of the
     index's paths and byte sizes), so later trials find these entries warm.
     """
     from searchspace.data import build_index

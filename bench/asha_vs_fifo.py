@@ -28,6 +28,7 @@ SCRIPT = "asha_vs_fifo"
 
 def main() -> None:
     from searchspace import run
+    from searchspace.prepare import architectures
     from searchspace.tasks import digits
     from trainer import storage
 
@@ -63,7 +64,8 @@ def main() -> None:
                 ("no early stopping", f"nostop-{stamp}", ["--grace-period", str(a.max_epochs)])]
 
     # Warm everything a trial could read, so that neither run pays for the first decode.
-    archs = run.architectures(digits, run.parse_args(common))
+    args = run.parse_args(common)
+    archs = architectures(digits, args.archs, args.image_sizes)
     sizes = sorted({s for v in archs.values() for s in v})
     t0 = time.perf_counter()
     _common.prepare_digits_cache(cache_dir, digits.BUDGET["folds"], a.seed, sizes)

@@ -9,7 +9,7 @@ import pandas as pd
 
 from trainer import storage
 from trainer.errors import BadInput
-from trainer.storage import probs_array
+from trainer.experiment import probs_array
 
 
 @dataclass

@@ -20,7 +20,7 @@ would make ``import trainer`` find the test folder instead of the package.
   ``make_imagefolder``: a tiny dataset in a task's layout; each returns its root.
 - ``truncate_file(path)``: cut an image file in half (a "broken download").
 - ``prepare_experiment(argv, experiment)``: searchspace.run's data step only
-  (folds.parquet, test.parquet, experiment.json; no Ray); returns the trial ctx.
+  (folds.parquet, test.parquet, experiment.json; no Ray); returns the TrialContext.
 - ``ray_session`` (session): ``ray.init`` with 2 CPUs and its temp dir inside
   the pytest tmp dir; shut down at the end.
 - ``weights_dir`` (session): a folder with ``test_resnet.pth`` (seed 0), so
@@ -285,18 +285,25 @@ def make_imagefolder(root, classes: int = 3, per_class: int = 4, test: bool = Tr
 
 # --- experiments without a search -------------------------------------------
 
-def prepare_experiment(argv: list[str], experiment) -> dict:
-    """searchspace.run's data step alone (no Ray): load, check, index; returns the trial context.
+def prepare_experiment(argv: list[str], experiment):
+    """searchspace.run's data step alone (no Ray): load, check, index; returns the TrialContext.
 
     ``argv`` is a searchspace.run command line; folds.parquet, test.parquet
     and experiment.json are written under ``experiment``.
     """
-    from searchspace.run import budget, parse_args, prepare
-    from searchspace.tasks import get_task
+    import os
 
-    args = parse_args(argv)
-    task = get_task(args.task)
-    return prepare(task, args, budget(task, args), str(experiment))
+    from searchspace.api import prepare_only
+    from searchspace.run import parse_args
+
+    options = vars(parse_args(argv))
+    for key in ("crossfit_only", "experiment", "resume"):
+        options.pop(key)
+    options["tta"] = not options.pop("no_tta")
+    task = options.pop("task")
+    experiment = str(experiment)
+    options["storage"], options["name"] = os.path.dirname(experiment), os.path.basename(experiment)
+    return prepare_only(task, **options)
 
 
 # --- Ray ---------------------------------------------------------------------

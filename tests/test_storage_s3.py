@@ -199,7 +199,8 @@ def _local_artifacts(*roots) -> list[str]:
 @pytest.mark.slow
 def test_search_and_select_in_bucket(own_ray, s3, tmp_path):
     from ensemble_builder.__main__ import main as ensemble_main
-    from searchspace.run import STUDY_FILE, main
+    from searchspace.run import main
+    from trainer.experiment import STUDY_FILE
 
     ep = s3.endpoint
     s3.create_bucket(Bucket="bkt")

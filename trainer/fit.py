@@ -3,7 +3,7 @@
 Two Tune trainables share one training loop:
 
 - ``train_trial(config, ctx)``: a search trial, the sampled config on fold 0,
-  for the run's full schedule (``ctx["max_epochs"]``) unless ASHA stops it.
+  for the run's full schedule (``ctx.max_epochs``) unless ASHA stops it.
 - ``crossfit_fold(config, ctx)``: a cross-fit job ``{"job": {..., "fold": k,
   "epochs": n, "candidate": id}}``: the same recipe, the same schedule, on
   fold k, writing a fold record into the experiment when it ends. For fold 0
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer import storage
+from trainer.experiment import CONFIG_FILE, HOLDOUT_FILE, MODEL_FILE, TRAIN_STATE_FILE, Experiment, TrialContext, probs_table
 from trainer.augment import AugPolicy, albumentations_pipeline, kornia_pipeline, mix_batch
 from trainer.cache import cached_images
 from trainer.inference import norm_stats, predict_probs, save_weights, to_input
@@ -52,13 +53,13 @@ class CachedImages(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(img)), int(self.labels[self.rows[i]])
 
 
-def node_cache_dir(ctx: dict) -> str:
+def node_cache_dir(ctx: TrialContext) -> str:
     """This node's image cache: SEARCHSPACE_CACHE_DIR in the node's environment (say, a
     local NVMe disk set in cluster.yaml) wins over the driver's --cache-dir."""
-    return os.environ.get("SEARCHSPACE_CACHE_DIR") or ctx["cache_dir"]
+    return os.environ.get("SEARCHSPACE_CACHE_DIR") or ctx.cache_dir
 
 
-def weights_file(location: str | None, ctx: dict) -> str | None:
+def weights_file(location: str | None, ctx: TrialContext) -> str | None:
     """A resolved weights location as a local file: a bucket copy is fetched once into the node cache."""
     if location is None or not storage.is_uri(location):
         return location
@@ -76,30 +77,31 @@ def weights_file(location: str | None, ctx: dict) -> str | None:
 class Run:
     """Everything one recipe needs on one fold: data, model, optimiser, schedule; ``epoch()`` trains one."""
 
-    def __init__(self, config: dict, ctx: dict, fold: int, epochs: int, train: bool = True):
+    def __init__(self, config: dict, ctx: TrialContext, fold: int, epochs: int, train: bool = True):
         """``train=False``: only the data and the model's architecture, to load finished weights into."""
         self.ctx, self.fold, self.epochs = ctx, fold, epochs
         self.recipe = r = Recipe.from_config(config)
-        cpus = max(1, int(ctx.get("cpus_per_trial", 1)))
+        self.experiment = Experiment(ctx.experiment)
+        cpus = max(1, int(ctx.cpus_per_trial))
         torch.set_num_threads(cpus)
-        seed = int(ctx.get("seed", 0)) + fold
+        seed = int(ctx.seed) + fold
         torch.manual_seed(seed)
         self.rng = np.random.default_rng(seed)
 
         # --- data: the node cache, split by fold; nothing is decoded from here on
-        self.index = storage.read_parquet(storage.join(ctx["experiment"], "folds.parquet")).to_pandas()
-        self.images = cached_images(self.index["path"].tolist(), ctx["data_key"], r.image_size, r.resize_mode,
+        self.index = self.experiment.folds()
+        self.images = cached_images(self.index["path"].tolist(), ctx.data_key, r.image_size, r.resize_mode,
                                     node_cache_dir(ctx), workers=os.cpu_count() or 1)
         self.labels = self.index["label"].to_numpy()
-        self.num_classes = int(ctx["num_classes"])
+        self.num_classes = int(ctx.num_classes)
         folds = self.index["fold"].to_numpy()
         self.train_rows, self.hold_rows = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
 
         # --- device and augmentation backend (kornia on a GPU, albumentations on CPU)
         self.device = device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        backend = ctx.get("aug_backend") or ("kornia" if device.type == "cuda" else "albumentations")
+        backend = ctx.aug_backend or ("kornia" if device.type == "cuda" else "albumentations")
         self.resolved = {**r.as_dict(), "fold": fold, "epochs": epochs, "num_classes": self.num_classes,
-                         "aug_backend": backend, "metric": ctx["metric"]}
+                         "aug_backend": backend, "metric": ctx.metric}
         if not train:
             self.model = create(r.arch, self.num_classes, r.image_size).to(device)
             return
@@ -117,7 +119,7 @@ class Run:
             generator=torch.Generator().manual_seed(seed))
 
         # --- model, loss, optimiser, schedule
-        weights = (ctx.get("weights") or {}).get(r.arch)
+        weights = ctx.weights.get(r.arch)
         if r.pretrained and weights is None:
             raise RuntimeError(f"{r.arch}: the config asks for pretrained weights but none were resolved")
         model = create(r.arch, self.num_classes, r.image_size, weights=weights_file(weights, ctx) if r.pretrained else None,
@@ -146,9 +148,9 @@ class Run:
         if checkpoint is None:
             return 0
         with checkpoint.as_directory() as d:
-            self.model.load_state_dict(torch.load(os.path.join(d, "model.pt"), map_location=self.device,
+            self.model.load_state_dict(torch.load(os.path.join(d, MODEL_FILE), map_location=self.device,
                                                   weights_only=True))
-            state = torch.load(os.path.join(d, "train_state.pt"), map_location=self.device, weights_only=True)
+            state = torch.load(os.path.join(d, TRAIN_STATE_FILE), map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         return int(state["epoch"])
@@ -180,7 +182,7 @@ class Run:
 
         probs = predict_probs(self.model, self.images, self.hold_rows)
         y = self.labels[self.hold_rows]
-        name = self.ctx["metric"]
+        name = self.ctx.metric
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         return {name: METRICS[name][0](y, probs), "val_loss": log_loss(y, probs), "epoch": epoch,
                 "fold": self.fold, "node_id": node}, probs
@@ -190,12 +192,12 @@ class Run:
         from ray import tune
 
         with tempfile.TemporaryDirectory() as d:
-            save_weights(self.model, os.path.join(d, "model.pt"))
+            save_weights(self.model, os.path.join(d, MODEL_FILE))
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "epoch": metrics["epoch"]}, os.path.join(d, "train_state.pt"))
-            with open(os.path.join(d, "config.json"), "w") as f:
+                        "epoch": metrics["epoch"]}, os.path.join(d, TRAIN_STATE_FILE))
+            with open(os.path.join(d, CONFIG_FILE), "w") as f:
                 json.dump({**self.resolved, **metrics}, f, indent=2, default=str)
-            storage.write_parquet(os.path.join(d, "holdout.parquet"), storage.probs_table(self.hold_ids, probs))
+            storage.write_parquet(os.path.join(d, HOLDOUT_FILE), probs_table(self.hold_ids, probs))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
@@ -203,19 +205,19 @@ def _quiet() -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint otherwise
 
 
-def train_trial(config: dict, ctx: dict) -> None:
+def train_trial(config: dict, ctx: TrialContext) -> None:
     """A search trial: the config on fold 0 for the run's whole schedule, one report per epoch."""
     from ray import tune
 
     _quiet()
-    run = Run(config, ctx, fold=0, epochs=int(ctx["max_epochs"]))
+    run = Run(config, ctx, fold=0, epochs=int(ctx.max_epochs))
     for epoch in range(run.restore(tune.get_checkpoint()), run.epochs):
         train_loss, images_per_s = run.train_epoch()
         metrics, probs = run.evaluate(epoch + 1)
         run.report({**metrics, "train_loss": train_loss, "images_per_s": images_per_s}, probs)
 
 
-def crossfit_fold(config: dict, ctx: dict) -> None:
+def crossfit_fold(config: dict, ctx: TrialContext) -> None:
     """A cross-fit job: the searched recipe and schedule on one fold; its fold record when it ends.
 
     Why this is honest: a sample's out-of-fold prediction comes from the model
@@ -232,7 +234,7 @@ def crossfit_fold(config: dict, ctx: dict) -> None:
     if job.get("from_checkpoint") and tune.get_checkpoint() is None:
         run = Run(job, ctx, fold=fold, epochs=epochs, train=False)
         run.model.load_state_dict(torch.load(io.BytesIO(storage.read_bytes(
-            storage.join(job["from_checkpoint"], "model.pt"))), map_location=run.device, weights_only=True))
+            storage.join(job["from_checkpoint"], MODEL_FILE))), map_location=run.device, weights_only=True))
         metrics, probs = run.evaluate(epochs)
         write_fold(ctx, job["candidate"], run, probs, checkpoint=job["from_checkpoint"])
         tune.report(metrics)
@@ -246,25 +248,25 @@ def crossfit_fold(config: dict, ctx: dict) -> None:
         run.report({**metrics, "train_loss": train_loss, "images_per_s": images_per_s}, probs)
 
 
-def write_fold(ctx: dict, candidate: str, run: Run, hold_probs: np.ndarray, checkpoint: str | None = None) -> None:
+def write_fold(ctx: TrialContext, candidate: str, run: Run, hold_probs: np.ndarray,
+               checkpoint: str | None = None) -> None:
     """A cross-fit fold's record: its model, holdout and test predictions, then done.json.
 
     Written by the job itself into the experiment (not Ray's trial folder), so
     a resumed cross-fit can tell finished folds by done.json alone.
     """
-    base = storage.join(ctx["experiment"], "candidates", candidate, "folds", str(run.fold))
+    fold = run.experiment.candidate(candidate).fold(run.fold)
+    model = None
     if not checkpoint:
         buf = io.BytesIO()
         save_weights(run.model, buf)
-        storage.write_bytes(storage.join(base, "model.pt"), buf.getvalue())
-        storage.write_json(storage.join(base, "config.json"), run.resolved)
-        checkpoint = base
-    storage.write_parquet(storage.join(base, "holdout.parquet"), storage.probs_table(run.hold_ids, hold_probs))
-    if ctx.get("test_key"):
-        test = storage.read_parquet(storage.join(ctx["experiment"], "test.parquet")).to_pandas()
+        model, checkpoint = buf.getvalue(), fold.location
+    test = None
+    if ctx.test_key:
+        frame = run.experiment.test()
         r = run.recipe
-        test_images = cached_images(test["path"].tolist(), ctx["test_key"], r.image_size, r.resize_mode,
+        test_images = cached_images(frame["path"].tolist(), ctx.test_key, r.image_size, r.resize_mode,
                                     node_cache_dir(ctx), workers=os.cpu_count() or 1)
-        probs = predict_probs(run.model, test_images, tta=ctx.get("tta", True))
-        storage.write_parquet(storage.join(base, "test.parquet"), storage.probs_table(test["sample_id"], probs))
-    storage.write_json(storage.join(base, "done.json"), dict(checkpoint=checkpoint, fold=run.fold, epochs=run.epochs))
+        test = probs_table(frame["sample_id"], predict_probs(run.model, test_images, tta=ctx.tta))
+    fold.write(probs_table(run.hold_ids, hold_probs), test,
+               dict(checkpoint=checkpoint, fold=run.fold, epochs=run.epochs), model=model, config=run.resolved)

@@ -8,6 +8,7 @@ import torch
 
 from trainer import model as models
 from trainer import storage
+from trainer.experiment import Checkpoint
 
 
 def to_input(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, augment=None) -> torch.Tensor:
@@ -57,10 +58,10 @@ def save_weights(model: torch.nn.Module, path) -> None:
 
 def load_model(checkpoint: str, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
     """A checkpoint folder (local or URI) -> (model in eval mode, its config)."""
-    config = storage.read_json(storage.join(checkpoint, "config.json"))
+    folder = Checkpoint(checkpoint)
+    config = folder.config()
     model = models.create(config["arch"], config["num_classes"], config["image_size"])
     # weights_only: a checkpoint from a bucket must not be able to run code.
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(checkpoint, "model.pt"))),
-                       map_location=device, weights_only=True)
+    state = torch.load(io.BytesIO(storage.read_bytes(folder.model)), map_location=device, weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval(), config

@@ -12,7 +12,6 @@ import json
 import os
 from functools import lru_cache
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -117,17 +116,3 @@ def delete_dir(location: str) -> None:
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir(path)
 
-
-def probs_table(sample_ids, probs: np.ndarray) -> pa.Table:
-    """sample_id + probs as a fixed-size list of float32 (the experiment contract)."""
-    flat = pa.array(np.ascontiguousarray(probs, np.float32).ravel(), pa.float32())
-    return pa.table({"sample_id": pa.array([str(s) for s in sample_ids], pa.string()),
-                     "probs": pa.FixedSizeListArray.from_arrays(flat, probs.shape[1])})
-
-
-def probs_array(table: pa.Table) -> np.ndarray:
-    """The probs column back as an (n, C) float32 array, read as one flat buffer."""
-    probs = table.column("probs").combine_chunks()
-    if len(probs) == 0:
-        return np.zeros((0, 0), np.float32)
-    return probs.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(probs), probs.type.list_size)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ensemble_builder.__main__ import main
-from trainer.storage import probs_table
+from trainer.experiment import probs_table
 
 
 @pytest.fixture

@@ -58,14 +58,14 @@ def test_auto_says_once_per_architecture_where_its_weights_come_from(tmp_path, o
     lines = out.getvalue().splitlines()
     assert lines.count("test_efficientnet: no pretrained weights found offline; trains from scratch") == 1
     assert sum(line.startswith("test_resnet: pretrained weights from weights-dir") for line in lines) == 1
-    assert ctx["weights"] == {"test_resnet": str(weights_dir / "test_resnet.pth"), "test_efficientnet": None}
+    assert ctx.weights == {"test_resnet": str(weights_dir / "test_resnet.pth"), "test_efficientnet": None}
 
 
 def test_pretrained_no_resolves_nothing_and_says_nothing(tmp_path, weights_dir, capsys):
     data = make_paddy(tmp_path / "data", test=0)
     ctx = prepare_experiment(_argv(data, tmp_path, "--archs", "test_resnet", "--weights-dir", str(weights_dir),
                                    "--pretrained", "no"), tmp_path / "runs" / "exp")
-    assert ctx["weights"] == {"test_resnet": None}
+    assert ctx.weights == {"test_resnet": None}
     assert "pretrained weights" not in capsys.readouterr().out
 
 
@@ -173,7 +173,7 @@ def test_an_empty_test_folder_means_no_test_set(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "the test folder holds no images: no test set, so no test predictions and no submission" in out
     assert "no test set" in out.splitlines()[-1]
-    assert ctx["test_key"] is None and not (tmp_path / "runs" / "exp" / "test.parquet").exists()
+    assert ctx.test_key is None and not (tmp_path / "runs" / "exp" / "test.parquet").exists()
 
 
 def test_an_empty_deepfake_test_folder_means_no_test_set(tmp_path, capsys):
@@ -181,7 +181,7 @@ def test_an_empty_deepfake_test_folder_means_no_test_set(tmp_path, capsys):
     (data / "test").mkdir()
     argv = ["deepfake", "--data", str(data), "--storage", str(tmp_path / "runs"), "--cache-dir",
             str(tmp_path / "cache"), "--name", "exp", "--pretrained", "no", "--folds", "2"]
-    assert prepare_experiment(argv, tmp_path / "runs" / "exp")["test_key"] is None
+    assert prepare_experiment(argv, tmp_path / "runs" / "exp").test_key is None
     assert "no test set" in capsys.readouterr().out
 
 

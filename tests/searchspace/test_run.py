@@ -19,7 +19,8 @@ import ray
 from conftest import class_pixels, make_deepfake_csv, make_paddy, prepare_experiment, truncate_file, write_image
 from PIL import Image
 
-from searchspace.run import architectures, budget, main, parse_args
+from searchspace.prepare import architectures, budget
+from searchspace.run import main
 from searchspace.tasks import digits, paddy
 from trainer import storage
 from trainer.cache import cached_images
@@ -50,21 +51,19 @@ def _fails_cleanly(argv: list[str], tmp_path, capsys) -> str:
 
 def test_budget_takes_the_task_defaults_and_the_overrides():
     keys = ("trials", "max_epochs", "folds")
-    b = budget(paddy, parse_args(["paddy"]))
+    b = budget(paddy)
     assert {k: b[k] for k in keys} == {k: paddy.BUDGET[k] for k in keys}
-    argv = ["paddy", "--trials", "3", "--max-epochs", "2", "--grace-period", "5", "--folds", "4"]
-    b = budget(paddy, parse_args(argv))
+    b = budget(paddy, trials=3, max_epochs=2, grace_period=5, folds=4, crossfit_top=None)
     assert (b["trials"], b["max_epochs"], b["folds"]) == (3, 2, 4)
     assert b["grace_period"] == 2  # never more than max_epochs
 
 
 def test_architectures_narrow_or_replace_the_tasks_space():
-    assert architectures(digits, parse_args(["digits"])) == digits.ARCHS
-    argv = ["digits", "--archs", "test_resnet, test_vit", "--image-sizes", "24,16,24"]
-    archs = architectures(digits, parse_args(argv))
+    assert architectures(digits) == digits.ARCHS
+    archs = architectures(digits, "test_resnet, test_vit", "24,16,24")
     assert archs == {"test_resnet": [16, 24], "test_vit": [16, 24]}
     # an architecture the task does not list gets every size the task uses
-    archs = architectures(digits, parse_args(["digits", "--archs", "test_convnext"]))
+    archs = architectures(digits, "test_convnext")
     assert archs == {"test_convnext": sorted({s for v in digits.ARCHS.values() for s in v})}
 
 
@@ -212,7 +211,7 @@ def test_an_image_only_pillow_reads_is_decoded_for_training(tmp_path):
     ctx = prepare_experiment(_argv("paddy", root, tmp_path, "--folds", "2"), experiment)
     index = storage.read_parquet(storage.join(experiment, "folds.parquet")).to_pandas()
     assert str(odd) in set(index["path"])
-    images = cached_images(index["path"].tolist(), ctx["data_key"], 16, "squish", ctx["cache_dir"])
+    images = cached_images(index["path"].tolist(), ctx.data_key, 16, "squish", ctx.cache_dir)
     assert images[index["path"].tolist().index(str(odd))].max() > 0
 
 
@@ -225,7 +224,7 @@ def test_gray_rgba_palette_and_16bit_images_are_accepted(tmp_path):
     assert len(index) == 10
     meta = storage.read_json(storage.join(experiment, "experiment.json"))
     assert meta["skipped_unreadable"] == {}
-    images = cached_images(index["path"].tolist(), ctx["data_key"], 16, "squish", ctx["cache_dir"])
+    images = cached_images(index["path"].tolist(), ctx.data_key, 16, "squish", ctx.cache_dir)
     assert images.shape == (10, 16, 16, 3)
     assert all(images[i].max() > 0 for i in range(10))  # every kind decoded to something visible
 
@@ -237,9 +236,9 @@ def test_prepare_writes_the_index_and_context_without_ray(tmp_path):
     experiment = str(tmp_path / "runs" / "exp")
     ray_was_up = ray.is_initialized()
     ctx = prepare_experiment(_argv("paddy", root, tmp_path, "--folds", "2", "--seed", "3"), experiment)
-    assert ctx["num_classes"] == 3 and ctx["max_epochs"] == 1 and ctx["seed"] == 3
-    assert ctx["experiment"] == experiment and ctx["cache_dir"] == str(tmp_path / "cache")
-    assert ctx["data_key"] and ctx["test_key"] and ctx["data_key"] != ctx["test_key"]
+    assert ctx.num_classes == 3 and ctx.max_epochs == 1 and ctx.seed == 3
+    assert ctx.experiment == experiment and ctx.cache_dir == str(tmp_path / "cache")
+    assert ctx.data_key and ctx.test_key and ctx.data_key != ctx.test_key
     folds = storage.read_parquet(storage.join(experiment, "folds.parquet"))
     for column in ("sample_id", "path"):  # str (pandas 3 writes large_string)
         t = folds.schema.field(column).type

@@ -7,6 +7,7 @@ trains test_resnet for one epoch on folds 1-2 and scores fold 0.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from trainer import storage
 from trainer.cache import cached_images
 from trainer.fit import Run, crossfit_fold, train_trial
 from trainer.recipe import lr_factor
-from trainer.storage import probs_table
+from trainer.experiment import probs_table
 from trainer.inference import load_model, predict_probs
 
 CONFIG = {
@@ -66,7 +67,7 @@ def _run_one_trial(ctx: dict, config: dict, storage_path: Path, name: str, resou
 
 @pytest.mark.parametrize("backend", [None, "kornia"], ids=["default-backend", "kornia-on-cpu"])
 def test_one_epoch_reports_and_checkpoints(prepared, ray_session, tmp_path, backend):
-    ctx = {**prepared.ctx, "aug_backend": backend}
+    ctx = dataclasses.replace(prepared.ctx, aug_backend=backend)
     result = _run_one_trial(ctx, CONFIG, tmp_path, "one")
 
     m = result.metrics
@@ -103,12 +104,12 @@ def test_one_epoch_reports_and_checkpoints(prepared, ray_session, tmp_path, back
         # the saved weights reproduce the saved holdout predictions
         model, loaded_config = load_model(str(d))
         assert loaded_config["arch"] == "test_resnet"
-        images = cached_images(prepared.index["path"].tolist(), ctx["data_key"], 16, "letterbox", ctx["cache_dir"])
+        images = cached_images(prepared.index["path"].tolist(), ctx.data_key, 16, "letterbox", ctx.cache_dir)
         again = predict_probs(model, images, fold0.index.to_numpy())
         assert np.allclose(again, probs, atol=1e-4)
 
     # the trial read the node cache: one build of (16, letterbox) over every training image
-    builds = [json.loads(line) for line in (Path(ctx["cache_dir"]) / "builds.jsonl").read_text().splitlines()]
+    builds = [json.loads(line) for line in (Path(ctx.cache_dir) / "builds.jsonl").read_text().splitlines()]
     entry = [b for b in builds if b["shape"][1] == 16 and b["mode"] == "letterbox"]
     assert len(entry) == 1 and entry[0]["decoded"] == len(prepared.index)
 

@@ -1,0 +1,39 @@
+"""Continue a search whose driver died: finished trials stay, unfinished ones resume from their checkpoints."""
+from __future__ import annotations
+
+import time
+
+from searchspace.crossfit import crossfit
+from searchspace.prepare import Resources
+from searchspace.search import finish_search, trainable
+from trainer import storage
+from trainer.errors import BadInput
+from trainer.experiment import Experiment, TrialContext
+
+
+def resume(experiment: Experiment, task_name: str, res: Resources, cache_dir: str, start_ray,
+           crossfit_top: int | None = None, tta: bool = True) -> int:
+    """``Tuner.restore`` keeps Tune's and the searcher's state (the Optuna study); then the cross-fit."""
+    from ray import tune
+
+    if not experiment.exists():
+        raise BadInput(f"{experiment.location}: no experiment to resume; check --name and --storage")
+    meta = experiment.meta()
+    if meta["task"] != task_name:
+        raise BadInput(f"{experiment.location}: is a {meta['task']!r} experiment, not {task_name!r}")
+    if experiment.has_trials():
+        print(f"{experiment.location}: the search had finished; going on with the cross-fit")
+        start_ray()
+        return crossfit(experiment, res, crossfit_top, tta)
+    fs, root = storage.resolve(experiment.location)
+    if not tune.Tuner.can_restore(root, storage_filesystem=fs):
+        raise BadInput(f"{experiment.location}: the search never started (no Ray Tune state); "
+                       "start it again without --resume")
+    start_ray()
+    print(f"resuming {experiment.location}", flush=True)
+    start = time.time()
+    ctx = TrialContext.from_dict({**meta["context"], "experiment": experiment.location})
+    tuner = tune.Tuner.restore(root, trainable(ctx, res), resume_unfinished=True, resume_errored=True,
+                               storage_filesystem=fs)
+    trials = finish_search(experiment, tuner.fit(), meta["metric"], meta["budget"]["max_epochs"], start, cache_dir)
+    return 1 if trials is None else crossfit(experiment, res, crossfit_top, tta)

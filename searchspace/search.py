@@ -1,0 +1,186 @@
+"""The search: Ray Tune with Optuna's TPE sampling and ASHA early stopping, one trial = one config on fold 0.
+
+``build_tuner`` puts the Tuner, the searcher and the scheduler together in
+one visible place; ``collect`` turns the results into trials.parquet and one
+candidate per trial (its final epoch's holdout predictions).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import pandas as pd
+
+from searchspace.prepare import Resources, mode_of
+from trainer import storage
+from trainer.experiment import Experiment, TrialContext, open_journal, ranked
+
+
+def study_file(experiment: Experiment, cache_dir: str) -> str:
+    """The Optuna journal: in the experiment when local, else on this disk until the search ends."""
+    if not storage.is_uri(experiment.location):
+        os.makedirs(experiment.location, exist_ok=True)
+        return experiment.study_file
+    os.makedirs(os.path.join(cache_dir, "studies"), exist_ok=True)
+    name = storage.resolve(experiment.location)[1].rsplit("/", 1)[-1]
+    return os.path.join(cache_dir, "studies", name + ".log")
+
+
+def concurrency(res: Resources) -> int:
+    """Trials that fit the cluster now; 8 when it has none yet (an autoscaler will add nodes)."""
+    import ray
+    free = ray.cluster_resources()
+    slots = free.get("CPU", 0) / max(res.cpus_per_trial, 1e-9)
+    if res.gpus_per_trial:
+        slots = min(slots, free.get("GPU", 0) / res.gpus_per_trial)
+    return int(slots) if slots >= 1 else 8
+
+
+def trainable(ctx: TrialContext, res: Resources, crossfit: bool = False):
+    from ray import tune
+
+    from trainer.fit import crossfit_fold, train_trial
+    return tune.with_resources(tune.with_parameters(crossfit_fold if crossfit else train_trial, ctx=ctx),
+                               {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+
+
+def build_tuner(task, ctx: TrialContext, b: dict, archs: dict, res: Resources, seed: int, cache_dir: str):
+    """The Tuner, OptunaSearch and ASHAScheduler, built together in one place."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from searchspace.progress import Progress
+    from searchspace.searcher import TruthfulOptunaSearch
+
+    experiment = Experiment(ctx.experiment)
+    metric, mode = task.METRIC, mode_of(task.METRIC)
+    fs, root = storage.resolve(experiment.location)
+    parent, name = root.rsplit("/", 1)
+    # OptunaSearch needs metric and mode itself with a define-by-run space;
+    # ASHA takes them from TuneConfig (giving them to it too is an error).
+    # The study lives in a journal file that optuna-dashboard opens.
+    # ASHA-stopped trials are told PRUNED, not COMPLETE with an early score.
+    has_weights = {arch: ctx.weights.get(arch) is not None for arch in archs}
+    searcher = TruthfulOptunaSearch(
+        space=functools.partial(task.define_search_space, archs=archs, pretrained=has_weights,
+                                search_pretrained=ctx.search_pretrained),
+        metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=seed),
+        study_name=name, storage=open_journal(study_file(experiment, cache_dir)), max_t=b["max_epochs"])
+    # The limiter also sets how many trials Tune samples ahead; without it
+    # Tune keeps one pending trial and a second slot idles while actors start.
+    searcher = ConcurrencyLimiter(searcher, max_concurrent=res.max_concurrent or concurrency(res))
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=b["max_epochs"],
+                              grace_period=b["grace_period"], reduction_factor=b["reduction_factor"])
+    return tune.Tuner(
+        trainable(ctx, res),
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
+                                    num_samples=b["trials"], reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=name, storage_path=parent, storage_filesystem=fs, verbose=0,
+            callbacks=[Progress(metric, mode, b["max_epochs"], b["trials"])],
+            # The latest checkpoint only: a retry resumes from it, a trial's candidate is its
+            # final epoch (never an epoch picked on the holdout), and a completed trial's
+            # final checkpoint is fold 0 of its cross-fit.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=res.max_failures)))
+
+
+def checkpoint_uri(experiment: Experiment, path_in_fs: str) -> str:
+    """A checkpoint's path inside the storage filesystem -> a location under the experiment."""
+    _, root = storage.resolve(experiment.location)
+    return experiment.file(path_in_fs[len(root):]) if path_in_fs.startswith(root) else path_in_fs
+
+
+def collect(results, metric: str, experiment: Experiment, max_epochs: int) -> pd.DataFrame:
+    """trials.parquet and candidates/<trial_id>/ from a ResultGrid.
+
+    ``score`` is the metric at a trial's last epoch and its candidate is that
+    epoch's holdout prediction: choosing the best epoch by the holdout score
+    and then ensembling those same predictions would be optimistic.
+    ``best_score``/``best_epoch`` are kept to show the learning curve's peak.
+    ``completed``: the trial ran its whole schedule (ASHA did not stop it).
+    """
+    mode = mode_of(metric)
+    rows = []
+    for result in results:
+        config = {k: v for k, v in (result.config or {}).items() if not k.startswith("image_size_")}
+        history = result.metrics_dataframe
+        row = {"trial_id": (result.metrics or {}).get("trial_id") or os.path.basename(result.path), **config,
+               "metric": metric, "score": None, "best_score": None, "best_epoch": None, "epochs_run": 0,
+               "completed": False, "stopped_early": False, "seconds": (result.metrics or {}).get("time_total_s"),
+               "status": "error" if result.error else "ok",
+               "error": str(result.error).strip().splitlines()[-1][:500] if result.error else None,
+               "checkpoint": None}
+        if history is not None and metric in history and len(history):
+            history = history.drop_duplicates("epoch", keep="last")   # a retried trial repeats epochs
+            best = history[metric].idxmax() if mode == "max" else history[metric].idxmin()
+            last = history["epoch"].idxmax()
+            row.update(score=float(history[metric][last]), best_score=float(history[metric][best]),
+                       best_epoch=int(history["epoch"][best]), epochs_run=int(history["epoch"][last]))
+            row["completed"] = row["epochs_run"] >= max_epochs and not result.error
+            row["stopped_early"] = row["epochs_run"] < max_epochs and not result.error
+        if result.checkpoint is not None and row["score"] is not None:
+            uri = checkpoint_uri(experiment, result.checkpoint.path)
+            row["checkpoint"] = uri
+            experiment.candidate(row["trial_id"]).write(
+                [dict(checkpoint=uri, fold=0)], storage.read_parquet(storage.join(uri, "holdout.parquet")), config)
+        rows.append(row)
+    trials = pd.DataFrame(rows)
+    experiment.write_trials(trials)
+    return trials
+
+
+def leaderboard(trials: pd.DataFrame, metric: str, mode: str, top: int = 15) -> str:
+    ok = ranked(trials, mode)
+    cols = ["trial_id", "arch", "image_size", "pretrained", "optimizer", "lr", "batch_size", "score", "best_epoch",
+            "epochs_run", "stopped_early", "seconds"]
+    table = ok[[c for c in cols if c in ok]].head(top).rename(columns={"score": metric})
+    failed = trials[trials["status"] == "error"]
+    text = table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    if len(failed):
+        text += "\n" + "\n".join(f"failed {r.trial_id}: {r.error}" for r in failed.itertuples())
+    return text
+
+
+def close_orphan_trials(journal_file: str) -> None:
+    """Mark Optuna trials still RUNNING as failed once the search is over.
+
+    A driver killed between the searcher's ask and Tune's next snapshot leaves
+    a trial in the journal that Tune never ran; the dashboard would show it
+    running for ever.
+    """
+    import optuna
+    if not os.path.exists(journal_file):
+        return
+    journal = open_journal(journal_file)
+    for summary in optuna.get_all_study_summaries(journal):
+        study = optuna.load_study(study_name=summary.study_name, storage=journal)
+        for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+
+
+def finish_search(experiment: Experiment, results, metric: str, max_epochs: int, start: float,
+                  cache_dir: str) -> pd.DataFrame | None:
+    """After the search: trials.parquet, candidates, the study in the experiment, the leaderboard.
+
+    Returns the trials, or None when every trial failed (said on stderr).
+    """
+    import sys
+
+    journal_file = study_file(experiment, cache_dir)
+    close_orphan_trials(journal_file)
+    trials = collect(results, metric, experiment, max_epochs)
+    if trials["checkpoint"].isna().all():
+        first = trials["error"].dropna().iloc[0] if trials["error"].notna().any() else "unknown"
+        print(f"\nevery trial failed; nothing to cross-fit. First error: {first}", file=sys.stderr)
+        return None
+    if storage.is_uri(experiment.location) and os.path.exists(journal_file):
+        with open(journal_file, "rb") as f:
+            storage.write_bytes(experiment.study_file, f.read())
+    print(f"\nsearch finished in {time.time() - start:.0f} s; leaderboard ({metric} on fold 0):")
+    print(leaderboard(trials, metric, mode_of(metric)))
+    print(f"\nwrote {experiment.trials_file} and {int(trials['checkpoint'].notna().sum())} candidates")
+    return trials

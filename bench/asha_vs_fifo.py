@@ -115,13 +115,15 @@ def main() -> None:
         f"{a.reduction_factor}; ASHA grace {a.grace_period}; baseline grace = max epochs ({a.max_epochs}): "
         f"ASHA's only rung is max_t, so no trial stops early (same OptunaSearch TPE sampler and seed)",
         f"space: {', '.join(f'{k} {v}' for k, v in archs.items())}; cross-fit off; {a.cpus_per_trial:g} CPU per trial, "
-        f"{os.cpu_count()} CPUs for Ray, max concurrent {a.max_concurrent or 'as resources allow'}; cache prebuilt for every size and resize mode"
+        f"{os.cpu_count()} CPUs for Ray, max concurrent {a.max_concurrent or 'as resources allow'}; "
+        "cache prebuilt for every size and resize mode"
         + ("" if a.no_warmup else "; an untimed 1-trial search warmed Ray's workers first"),
         "best holdout accuracy: max of best_score (fold 0) in trials.parquet; trial-epochs: sum of epochs_run; "
         "wall: around searchspace.run.main (data check, Tune, trials.parquet)",
         "with concurrent trials the TPE sampler sees results in timing-dependent order, so two runs with the "
         "same seed need not sample the same configs after TPE's random start-up trials; and the same config "
-        "need not reach the same accuracy twice (two trials share the CPUs, so thread timing differs): compare over repeated runs",
+        "need not reach the same accuracy twice (two trials share the CPUs, so thread timing differs): "
+        "compare over repeated runs",
         f"target >= 3x fewer trial-epochs at >= 99% of the no-stopping best accuracy: "
         f"{epochs_ratio:.2f}x, {acc_ratio:.2%}: {_common.met(epochs_ratio >= 3 and acc_ratio >= 0.99)}",
         f"experiments: {storage_root}",

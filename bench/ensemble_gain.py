@@ -30,7 +30,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  (puts the repository on sys.path)
-
 import numpy as np  # noqa: E402
 
 SCRIPT = "ensemble_gain"
@@ -96,10 +95,9 @@ def main() -> None:
     a = ap.parse_args()
 
     from ensemble_builder import candidates as cands
-    from trainer.metrics import accuracy, log_loss
     from ensemble_builder.selection import EnsembleSelection
     from trainer import storage
-    from trainer.metrics import METRICS
+    from trainer.metrics import METRICS, accuracy, log_loss
 
     experiment = storage.absolute(a.experiment) if a.experiment else run_search(a)
     c = cands.load(experiment)

@@ -33,7 +33,6 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  (puts the repository on sys.path)
-
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -306,7 +305,8 @@ def main() -> None:
              for name, workers, images, rate, _ in results]
     body = _common.md_table(["path", "loader workers", "images timed", "img/s (median)", "vs classic"], table)
     ours_best = max(results[1:3], key=lambda r: r[3])
-    cold_rows = [[f"cache build, {w} thread(s), fresh folder", f"{s:.2f}", f"{s / epoch_s:.2f}x"] for w, s in cold.items()]
+    cold_rows = [[f"cache build, {w} thread(s), fresh folder", f"{s:.2f}", f"{s / epoch_s:.2f}x"]
+                 for w, s in cold.items()]
     cold_rows.append([f"one epoch of A ({len(paths)} images, {a.classic_workers} workers, start-up included)",
                       f"{epoch_s:.2f}", "1.00x"])
     body += "\n\nCold cost (same files):\n\n" + _common.md_table(["what", "seconds", "vs classic epoch"], cold_rows)
@@ -322,7 +322,8 @@ def main() -> None:
         f"{_common.met(ours_best[3] >= 5 * classic_rate)}",
         f"target cache build <= one classic epoch: {build_s:.2f} s vs {epoch_s:.2f} s "
         f"({max(cold)} threads): {_common.met(build_s <= epoch_s)}"
-        + (f"; with 1 thread: {cold[1]:.2f} s (a trial builds with all the node's cores)" if 1 in cold and max(cold) != 1 else ""),
+        + (f"; with 1 thread: {cold[1]:.2f} s (a trial builds with all the node's cores)"
+           if 1 in cold and max(cold) != 1 else ""),
     ]
     if torch.cuda.is_available():
         notes += gpu_share(cache, policy, a.batch, a.gpu_steps)

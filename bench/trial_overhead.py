@@ -127,6 +127,7 @@ def child(spec_path: str) -> None:
         spec = json.load(f)
     t0 = time.perf_counter()
     import ray.tune  # noqa: F401  (a Tune actor has it loaded)
+
     import trainer.fit  # noqa: F401
     imports = time.perf_counter() - t0
     runs = [in_process(spec["ctx"], spec["cpus"], spec["max_epochs"]) for _ in range(spec["repeats"])]
@@ -272,12 +273,13 @@ def main() -> None:
         table_rows.append([cpus, "**trial start to first step (in-process), imports excluded**",
                            f"**{cold_sum:.3f}**", f"**{warm_sum:.3f}**"])
     body = _common.md_table(["cpus per trial", "phase (a)", "first run s (fresh process)",
-                             f"median of runs 2..{a.repeats} s (reused actor)" if a.repeats > 1 else "same run s"], table_rows)
+                             f"median of runs 2..{a.repeats} s (reused actor)" if a.repeats > 1 else "same run s"],
+                            table_rows)
     worst_warm = max(w for _, w in sums.values())
     worst_cold = max(c for c, _ in sums.values())
     notes = [
         f"(a) digits, {train_images} training images (fold 0 held out), test_resnet at 32 px, batch 64, "
-        f"albumentations over the warm cache on CPU; loader workers = cpus - 1 (persistent when > 0), as in train_trial",
+        "albumentations over the warm cache on CPU; loader workers = cpus - 1 (persistent when > 0), as in train_trial",
         "(a) each cpus value runs in a fresh interpreter: its first run is what a new Ray actor pays after its "
         "imports (first model build, first step); later runs are what a reused actor pays (Tune reuses actors)",
         f"target <= 3 s to the first step for a tiny model: reused actor {worst_warm:.2f} s, new actor "

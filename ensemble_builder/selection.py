@@ -181,7 +181,7 @@ class EnsembleSelection:
         self.random_state = random_state
         self.vectorised = vectorised
 
-    def fit(self, P: np.ndarray, y: np.ndarray) -> "EnsembleSelection":
+    def fit(self, P: np.ndarray, y: np.ndarray) -> EnsembleSelection:
         """Select from P (n_candidates, n_samples, n_classes) against labels y (n_samples,)."""
         P, y = np.asarray(P), np.asarray(y)
         if P.dtype not in (np.float32, np.float64):

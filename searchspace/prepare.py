@@ -33,12 +33,13 @@ class Resources:
     max_concurrent: int = 0      # 0: as many as the cluster fits
     max_failures: int = 2
 
-    def check(self) -> "Resources":
+    def check(self) -> Resources:
         for name, low, strict in (("cpus_per_trial", 0, True), ("gpus_per_trial", 0, False),
                                   ("max_concurrent", 0, False), ("max_failures", 0, False)):
             value = getattr(self, name)
             if value < low or (strict and value == low):
-                raise BadInput(f"--{name.replace('_', '-')} {value}: must be {'more than' if strict else 'at least'} {low}")
+                bound = "more than" if strict else "at least"
+                raise BadInput(f"--{name.replace('_', '-')} {value}: must be {bound} {low}")
         return self
 
 

@@ -21,7 +21,8 @@ class Progress(Callback):
         value = result.get(self.metric)
         if value is not None and self._better(value):
             cfg = trial.config
-            self.best = (value, f"{trial.trial_id} {cfg.get('arch')}@{cfg.get('image_size')} epoch {result.get('epoch')}")
+            where = f"{cfg.get('arch')}@{cfg.get('image_size')} epoch {result.get('epoch')}"
+            self.best = (value, f"{trial.trial_id} {where}")
         if time.time() - self.last > self.every_s:
             self._print(trials)
 
@@ -31,8 +32,10 @@ class Progress(Callback):
         epochs = (trial.last_result or {}).get("epoch", 0)
         if epochs < self.max_epochs:
             self.early.add(trial.trial_id)
-        how = f"stopped early by ASHA after {epochs} epoch(s)" if epochs < self.max_epochs else f"ran all {epochs} epochs"
-        print(f"  trial {trial.trial_id} {how}: {self.metric} {(trial.last_result or {}).get(self.metric, float('nan')):.4f}",
+        how = (f"stopped early by ASHA after {epochs} epoch(s)" if epochs < self.max_epochs
+               else f"ran all {epochs} epochs")
+        value = (trial.last_result or {}).get(self.metric, float("nan"))
+        print(f"  trial {trial.trial_id} {how}: {self.metric} {value:.4f}",
               flush=True)
         self._print(trials)
 

@@ -33,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpus-per-trial", type=float, default=1)
     p.add_argument("--gpus-per-trial", type=float, default=0,
                    help="fraction allowed: 0.25 packs four small trials on one GPU")
-    p.add_argument("--max-concurrent", type=int, default=0, help="at most this many trials at once (0: as resources allow)")
+    p.add_argument("--max-concurrent", type=int, default=0,
+                   help="at most this many trials at once (0: as resources allow)")
     p.add_argument("--storage", default=DEFAULT_RUNS, help="folder or URI that holds experiments (default: ./runs)")
     p.add_argument("--name", help="experiment name (default: TASK-date-time)")
     p.add_argument("--seed", type=int, default=0)

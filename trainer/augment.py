@@ -33,7 +33,7 @@ class AugPolicy:
     mix_alpha: float = 0.4
 
     @classmethod
-    def from_config(cls, config: dict) -> "AugPolicy":
+    def from_config(cls, config: dict) -> AugPolicy:
         names = {f.name for f in fields(cls)}
         return cls(size=config["image_size"], **{k: v for k, v in config.items() if k in names and k != "size"})
 

@@ -61,7 +61,7 @@ class TrialContext:
     cpus_per_trial: float = 1
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrialContext":
+    def from_dict(cls, d: dict) -> TrialContext:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

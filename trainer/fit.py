@@ -28,9 +28,17 @@ import torch
 import torch.nn.functional as F
 
 from trainer import storage
-from trainer.experiment import CONFIG_FILE, HOLDOUT_FILE, MODEL_FILE, TRAIN_STATE_FILE, Experiment, TrialContext, probs_table
 from trainer.augment import AugPolicy, albumentations_pipeline, kornia_pipeline, mix_batch
 from trainer.cache import cached_images
+from trainer.experiment import (
+    CONFIG_FILE,
+    HOLDOUT_FILE,
+    MODEL_FILE,
+    TRAIN_STATE_FILE,
+    Experiment,
+    TrialContext,
+    probs_table,
+)
 from trainer.inference import norm_stats, predict_probs, save_weights, to_input
 from trainer.metrics import METRICS, log_loss
 from trainer.model import class_weights, create
@@ -122,11 +130,13 @@ class Run:
         weights = ctx.weights.get(r.arch)
         if r.pretrained and weights is None:
             raise RuntimeError(f"{r.arch}: the config asks for pretrained weights but none were resolved")
-        model = create(r.arch, self.num_classes, r.image_size, weights=weights_file(weights, ctx) if r.pretrained else None,
+        model = create(r.arch, self.num_classes, r.image_size,
+                       weights=weights_file(weights, ctx) if r.pretrained else None,
                        freeze_fraction=r.freeze_fraction if r.pretrained else 0.0).to(device)
         self.model = model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
         self.mean, self.std = norm_stats(model, device)
-        self.loss_weights = class_weights(self.labels[self.train_rows], self.num_classes, r.class_weight_power).to(device)
+        self.loss_weights = class_weights(self.labels[self.train_rows], self.num_classes,
+                                          r.class_weight_power).to(device)
         params = [p for p in model.parameters() if p.requires_grad]
         if r.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=r.lr, momentum=0.9, nesterov=True, weight_decay=r.weight_decay)

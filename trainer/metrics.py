@@ -5,7 +5,7 @@ scores are bit-identical to calling these functions one candidate at a time.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -28,7 +28,7 @@ class Recipe:
     label_smoothing: float = 0.0
 
     @classmethod
-    def from_config(cls, config: dict) -> "Recipe":
+    def from_config(cls, config: dict) -> Recipe:
         names = {f.name for f in fields(cls)}
         known = {k: v for k, v in config.items() if k in names}
         return cls(**{**known, "image_size": int(known["image_size"]), "batch_size": int(known.get("batch_size", 64))})

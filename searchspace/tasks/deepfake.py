@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from searchspace.data import (Dataset, folder_classes, image_files, match_ids, read_csv,
-                              require_dir)
+from searchspace.data import Dataset, folder_classes, image_files, match_ids, read_csv, require_dir
 from searchspace.tasks._space import suggest_augmentation, suggest_loss, suggest_model, suggest_optimiser
 from trainer import storage
 from trainer.errors import BadInput

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from trainer.metrics import METRICS, accuracy, f1_macro, log_loss, roc_auc
 from ensemble_builder.selection import EnsembleSelection
+from trainer.metrics import METRICS, accuracy, f1_macro, log_loss, roc_auc
 
 BOTH = pytest.mark.parametrize("vectorised", [True, False], ids=["vectorised", "naive"])
 

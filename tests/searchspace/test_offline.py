@@ -24,6 +24,7 @@ from searchspace.run import main
 from searchspace.searcher import TruthfulOptunaSearch
 from searchspace.tasks import deepfake, imagefolder
 from searchspace.tasks._space import LR_FINETUNE, LR_SCRATCH
+from trainer.experiment import STUDY_FILE, open_journal
 
 
 @pytest.fixture
@@ -151,8 +152,7 @@ def test_an_offline_search_fails_no_trial_and_the_study_matches_tune(tmp_path, r
     assert scratch["lr"].between(*LR_SCRATCH).all()
     assert trials[trials["pretrained"]]["lr"].between(*LR_FINETUNE).all()
 
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(exp / "optuna_journal.log")))
-    study = optuna.load_study(study_name="exp", storage=storage)
+    study = optuna.load_study(study_name="exp", storage=open_journal(str(exp / STUDY_FILE)))
     by_lr = {t.params.get("lr", t.params.get("lr_scratch")): t for t in study.trials}
     assert len(by_lr) == len(trials) == 6
     for row in trials.itertuples():

@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import html.parser
-import io
 import http.server
+import io
 import json
 import re
 import shutil

@@ -21,10 +21,10 @@ from conftest import make_paddy, prepare_experiment
 
 from trainer import storage
 from trainer.cache import cached_images
-from trainer.fit import Run, crossfit_fold, train_trial
-from trainer.recipe import lr_factor
 from trainer.experiment import probs_table
+from trainer.fit import Run, crossfit_fold, train_trial
 from trainer.inference import load_model, predict_probs
+from trainer.recipe import lr_factor
 
 CONFIG = {
     "arch": "test_resnet", "image_size": 16, "resize_mode": "letterbox", "pretrained": False,

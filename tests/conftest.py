@@ -48,6 +48,20 @@ from PIL import Image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+# --- test tiers ------------------------------------------------------------------
+
+# Fixtures that start Ray (a local instance or a multi-node cluster) or run a
+# search. A test that uses one is slow, whatever its own marks say, so that
+# `pytest -m "not slow"` starts no Ray and no search.
+RAY_FIXTURES = {"ray_session", "tiny_experiment", "own_ray", "ray_tmp", "detached"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 # --- images ------------------------------------------------------------------
 
 IMAGE_KINDS = ("rgb", "gray", "rgba", "palette", "16bit")

@@ -44,18 +44,18 @@ def _resources(options: dict) -> Resources:
 
 def crossfit_options(options: dict) -> dict:
     """The CLI's options that --crossfit-only uses."""
-    keep = ("crossfit_top",) + RESOURCE_KEYS
+    keep = ("crossfit_top", "crossfit_by") + RESOURCE_KEYS
     return {**{k: options[k] for k in keep if k in options}, "tta": not options.get("no_tta", False)}
 
 
 def resume_options(options: dict) -> dict:
-    keep = ("name", "storage", "cache_dir", "crossfit_top") + RESOURCE_KEYS
+    keep = ("name", "storage", "cache_dir", "crossfit_top", "crossfit_by") + RESOURCE_KEYS
     return {**{k: options[k] for k in keep if k in options}, "tta": not options.get("no_tta", False)}
 
 
 OPTIONS = {"storage", "name", "seed", "cache_dir", "trials", "max_epochs", "grace_period", "reduction_factor",
            "folds", "crossfit_top", "archs", "image_sizes", "aug_backend", "weights_dir", "pretrained",
-           "search_pretrained", "skip_unreadable", "tta", *RESOURCE_KEYS}
+           "search_pretrained", "skip_unreadable", "tta", "crossfit_by", *RESOURCE_KEYS}
 
 
 def _prepare(task_name: str, data: str | None, options: dict):
@@ -100,7 +100,8 @@ def run_search(task_name: str, data: str | None = None, **options) -> tuple[int,
     results = build_tuner(task, ctx, b, archs, res, seed, cache_dir).fit()
     if finish_search(experiment, results, task.METRIC, b["max_epochs"], start, cache_dir) is None:
         return 1, experiment
-    return crossfit(experiment, res, b["crossfit_top"], options.get("tta", True)), experiment
+    code = crossfit(experiment, res, b["crossfit_top"], options.get("tta", True), options.get("crossfit_by"))
+    return code, experiment
 
 
 def search(task: str, data: str | None = None, **options) -> Experiment:
@@ -113,7 +114,7 @@ def search(task: str, data: str | None = None, **options) -> Experiment:
 
 
 def crossfit_only(task_name: str, experiment: str | None, crossfit_top: int | None = None, tta: bool = True,
-                  **resources) -> int:
+                  crossfit_by: str | None = None, **resources) -> int:
     """Cross-fit an existing experiment; finished folds are kept."""
     get_task(task_name)
     res = Resources(**resources).check()
@@ -123,17 +124,18 @@ def crossfit_only(task_name: str, experiment: str | None, crossfit_top: int | No
     if not exp.has_trials():
         raise BadInput(f"{exp.location}: no trials.parquet; run the search first")
     start_ray()
-    return crossfit(exp, res, crossfit_top, tta)
+    return crossfit(exp, res, crossfit_top, tta, crossfit_by)
 
 
 def resume_search(task_name: str, name: str | None, storage: str = DEFAULT_RUNS, cache_dir: str | None = None,
-                  crossfit_top: int | None = None, tta: bool = True, **resources) -> int:
+                  crossfit_top: int | None = None, tta: bool = True, crossfit_by: str | None = None,
+                  **resources) -> int:
     get_task(task_name)
     res = Resources(**resources).check()
     if not name:
         raise BadInput("--resume needs --name (the experiment to continue) and the same --storage")
     exp = Experiment(_under(storage, name))
-    return resume(exp, task_name, res, cache_dir or default_cache_dir(), start_ray, crossfit_top, tta)
+    return resume(exp, task_name, res, cache_dir or default_cache_dir(), start_ray, crossfit_top, tta, crossfit_by)
 
 
 def _under(root: str, name: str) -> str:

@@ -1,5 +1,10 @@
-"""The cross-fit: the best configs retrained on every fold, so every training image gets an honest
+"""The cross-fit: chosen configs retrained on every fold, so every training image gets an honest
 out-of-fold prediction and every test image the mean of the fold models.
+
+Which configs: by default the ones that complement each other (``choose``:
+greedy ensemble selection on the trials' fold-0 holdout predictions), not the
+top M by their own score, which are near-copies that give the ensemble
+nothing to pick from; ``by="score"`` keeps the top-M rule for comparison.
 
 Only trials that ran their whole schedule are cross-fitted, each at that
 schedule's length, so every fold trains exactly the recipe whose fold-0 score
@@ -20,15 +25,78 @@ from searchspace.prepare import Resources
 from searchspace.search import trainable
 from trainer import storage
 from trainer.errors import BadInput
-from trainer.experiment import Experiment, TrialContext, probs_array, probs_table, ranked
+from trainer.experiment import Experiment, TrialContext, aligned, probs_array, probs_table, ranked
 from trainer.metrics import METRICS
 
+CROSSFIT_BY = ("complementarity", "score")
+# A config is eligible for the complementarity choice only when its fold-0
+# score is within this fraction of the best one: the greedy pick must not
+# chase a weak model whose holdout errors happen to fall elsewhere.
+MIN_SCORE_FRACTION = 0.9
 
-def crossfit_jobs(trials: pd.DataFrame, experiment: Experiment, top: int, folds: int, mode: str
-                  ) -> tuple[list[str], list[dict]]:
-    """The top configs' candidate ids, and a job for every fold not yet done."""
+
+def eligible(trials: pd.DataFrame, mode: str, fraction: float = MIN_SCORE_FRACTION) -> pd.DataFrame:
+    """Trials that ran their whole schedule, with a checkpoint, scoring within ``fraction`` of the best."""
     done = ranked(trials, mode)
-    done = done[done["completed"] & done["checkpoint"].notna()].head(top)
+    done = done[done["completed"] & done["checkpoint"].notna()]
+    if done.empty:
+        return done
+    if fraction <= 0:
+        return done
+    best = float(done["score"].iloc[0])
+    limit = best * fraction if mode == "max" else best / fraction
+    return done[done["score"] >= limit] if mode == "max" else done[done["score"] <= limit]
+
+
+def choose(trials: pd.DataFrame, experiment: Experiment, top: int, mode: str, metric: str,
+           by: str = "complementarity") -> pd.DataFrame:
+    """The configs to cross-fit, in order: trial_id, crossfit_rank, crossfit_gain, crossfit_reason.
+
+    Complementarity: Caruana's greedy selection (the ensemble builder's own
+    ``EnsembleSelection``, ties broken on log loss) over the eligible trials'
+    fold-0 holdout predictions, at most ``top`` distinct members; a config's
+    gain is how much the greedy ensemble's holdout score rose at the step it
+    first joined. If the greedy ensemble stops improving with fewer than
+    ``top`` members, the rest are filled by score.
+    """
+    from ensemble_builder.selection import EnsembleSelection
+
+    pool = eligible(trials, mode, MIN_SCORE_FRACTION if by == "complementarity" else 0.0)
+    rows = []
+    if by == "complementarity" and len(pool) > 1 and top > 1:
+        index = experiment.folds()
+        order = index.loc[index["fold"] == 0, "sample_id"].tolist()
+        y = index.set_index("sample_id").loc[order, "label"].to_numpy()
+        ids = pool["trial_id"].tolist()
+        P = np.stack([aligned(experiment.candidate(t).oof(), order) for t in ids]).astype(np.float32)
+        sel = EnsembleSelection(ensemble_size=max(10, 4 * top), metric=metric, max_members=top).fit(P, y)
+        previous = None
+        for step, c in enumerate(sel.indices_):
+            if ids[c] in {r["trial_id"] for r in rows}:
+                previous = sel.trajectory_[step]
+                continue
+            score = sel.trajectory_[step]
+            gain = score - previous if previous is not None else None
+            reason = (f"greedy step {step + 1}: ensemble {metric} {score:.4f}"
+                      + (f" ({gain:+.4f})" if gain is not None else " (the best single config)"))
+            rows.append(dict(trial_id=ids[c], crossfit_gain=gain, crossfit_reason=reason))
+            previous = score
+    for row in pool.itertuples():
+        if len(rows) >= top:
+            break
+        if row.trial_id not in {r["trial_id"] for r in rows}:
+            why = f"{metric} {row.score:.4f} on fold 0" + (
+                "" if by == "score" else "; filled by score (the greedy ensemble stopped improving)")
+            rows.append(dict(trial_id=row.trial_id, crossfit_gain=None, crossfit_reason=why))
+    chosen = pd.DataFrame(rows[:top], columns=["trial_id", "crossfit_gain", "crossfit_reason"])
+    chosen.insert(1, "crossfit_rank", np.arange(1, len(chosen) + 1))
+    return chosen
+
+
+def crossfit_jobs(trials: pd.DataFrame, experiment: Experiment, chosen: list[str], folds: int
+                  ) -> tuple[list[str], list[dict]]:
+    """The chosen configs' candidate ids, and a job for every fold not yet done."""
+    done = trials.set_index("trial_id", drop=False).loc[chosen]
     cids, jobs = [], []
     for row in done.itertuples():
         cid = f"cv-{row.trial_id}"
@@ -77,21 +145,43 @@ def assemble(experiment: Experiment, cid: str, index: pd.DataFrame, folds: int) 
     return True
 
 
-def crossfit(experiment: Experiment, res: Resources, top: int | None = None, tta: bool = True) -> int:
-    """Cross-fit the top configs of a finished search; 0 when every chosen config is complete."""
+def record_choice(experiment: Experiment, trials: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
+    """The choice and its reasons as columns of trials.parquet (empty for the trials not chosen)."""
+    trials = trials.drop(columns=[c for c in chosen.columns if c != "trial_id" and c in trials])
+    trials = trials.merge(chosen, on="trial_id", how="left")
+    experiment.write_trials(trials)
+    return trials
+
+
+def crossfit(experiment: Experiment, res: Resources, top: int | None = None, tta: bool = True,
+             by: str | None = None) -> int:
+    """Cross-fit the chosen configs of a finished search; 0 when every chosen config is complete."""
     meta = experiment.meta()
     trials, index = experiment.trials(), experiment.folds()
     top = top if top is not None else meta["budget"].get("crossfit_top", 0)
     if top <= 0:
         return 0
+    by = by or meta.get("crossfit_by", "complementarity")
+    if "crossfit_rank" in trials and trials["crossfit_rank"].notna().any() and by == meta.get("crossfit_by"):
+        # Chosen before (an interrupted cross-fit): keep that choice, it is what the folds were trained for.
+        kept = trials[trials["crossfit_rank"].notna()].sort_values("crossfit_rank")
+        chosen = kept[["trial_id", "crossfit_rank", "crossfit_gain", "crossfit_reason"]].head(top)
+    else:
+        chosen = choose(trials, experiment, top, meta["mode"], meta["metric"], by)
+        trials = record_choice(experiment, trials, chosen)
+        meta["crossfit_by"] = by
+        experiment.write_meta(meta)
     # The experiment may have moved (a synced bucket, a renamed folder): use where it is now.
     ctx = TrialContext.from_dict(meta["context"])
     ctx = replace(ctx, experiment=experiment.location, cpus_per_trial=res.cpus_per_trial, tta=ctx.tta and tta)
-    cids, jobs = crossfit_jobs(trials, experiment, top, meta["folds"], meta["mode"])
+    cids, jobs = crossfit_jobs(trials, experiment, chosen["trial_id"].tolist(), meta["folds"])
     if not cids:
         print("cross-fit: no trial ran its whole schedule; nothing to cross-fit")
         return 0
-    print(f"\ncross-fit: {len(cids)} config(s) x {meta['folds']} folds; {len(jobs)} fold job(s) to run "
+    print(f"\ncross-fit: {len(cids)} config(s) chosen by {by}:")
+    for row in chosen.itertuples():
+        print(f"  {row.crossfit_rank}. {row.trial_id}: {row.crossfit_reason}")
+    print(f"cross-fit: {len(cids)} config(s) x {meta['folds']} folds; {len(jobs)} fold job(s) to run "
           f"({len(cids) * meta['folds'] - len(jobs)} already done)", flush=True)
     if jobs:
         start = time.time()

@@ -12,7 +12,7 @@ from trainer.experiment import Experiment, TrialContext
 
 
 def resume(experiment: Experiment, task_name: str, res: Resources, cache_dir: str, start_ray,
-           crossfit_top: int | None = None, tta: bool = True) -> int:
+           crossfit_top: int | None = None, tta: bool = True, crossfit_by: str | None = None) -> int:
     """``Tuner.restore`` keeps Tune's and the searcher's state (the Optuna study); then the cross-fit."""
     from ray import tune
 
@@ -24,7 +24,7 @@ def resume(experiment: Experiment, task_name: str, res: Resources, cache_dir: st
     if experiment.has_trials():
         print(f"{experiment.location}: the search had finished; going on with the cross-fit")
         start_ray()
-        return crossfit(experiment, res, crossfit_top, tta)
+        return crossfit(experiment, res, crossfit_top, tta, crossfit_by)
     fs, root = storage.resolve(experiment.location)
     if not tune.Tuner.can_restore(root, storage_filesystem=fs):
         raise BadInput(f"{experiment.location}: the search never started (no Ray Tune state); "
@@ -36,4 +36,4 @@ def resume(experiment: Experiment, task_name: str, res: Resources, cache_dir: st
     tuner = tune.Tuner.restore(root, trainable(ctx, res), resume_unfinished=True, resume_errored=True,
                                storage_filesystem=fs)
     trials = finish_search(experiment, tuner.fit(), meta["metric"], meta["budget"]["max_epochs"], start, cache_dir)
-    return 1 if trials is None else crossfit(experiment, res, crossfit_top, tta)
+    return 1 if trials is None else crossfit(experiment, res, crossfit_top, tta, crossfit_by)

@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial, from its last checkpoint")
     p.add_argument("--crossfit-top", type=int,
                    help="cross-fit this many of the best configs over all K folds (default: the task's; 0: skip)")
+    p.add_argument("--crossfit-by", choices=["complementarity", "score"],
+                   help="which configs to cross-fit: those the greedy ensemble of the fold-0 predictions picks "
+                        "(default), or the top M by their own fold-0 score")
     p.add_argument("--crossfit-only", action="store_true",
                    help="only cross-fit an existing experiment (--experiment); finished folds are kept")
     p.add_argument("--experiment", help="an existing experiment folder or URI, for --crossfit-only")

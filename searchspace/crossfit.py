@@ -57,7 +57,7 @@ def choose(trials: pd.DataFrame, experiment: Experiment, top: int, mode: str, me
     fold-0 holdout predictions, at most ``top`` distinct members; a config's
     gain is how much the greedy ensemble's holdout score rose at the step it
     first joined. If the greedy ensemble stops improving with fewer than
-    ``top`` members, the rest are filled by score.
+    ``top`` members, or fewer are eligible, the rest are filled by score.
     """
     from ensemble_builder.selection import EnsembleSelection
 
@@ -81,7 +81,9 @@ def choose(trials: pd.DataFrame, experiment: Experiment, top: int, mode: str, me
                       + (f" ({gain:+.4f})" if gain is not None else " (the best single config)"))
             rows.append(dict(trial_id=ids[c], crossfit_gain=gain, crossfit_reason=reason))
             previous = score
-    for row in pool.itertuples():
+    # The guard only keeps weak configs out of the greedy pick; the rest of the
+    # budget goes by score, as the top-M rule would spend it.
+    for row in eligible(trials, mode, 0.0).itertuples():
         if len(rows) >= top:
             break
         if row.trial_id not in {r["trial_id"] for r in rows}:

@@ -30,9 +30,12 @@ def test_each_config_covers_every_training_sample_exactly_once(tiny_experiment):
     classes = len(json.loads((exp / "experiment.json").read_text())["class_names"])
     cands = cv_candidates(exp)
     assert len(cands) == tiny_experiment.crossfit_top
-    # Only trials that ran their whole schedule, best final score first.
-    best = trials[trials["completed"]].sort_values("score", ascending=False)["trial_id"].head(len(cands))
-    assert {c.name for c in cands} == {f"cv-{t}" for t in best}
+    # The configs chosen (by complementarity) are recorded in trials.parquet with their reason;
+    # the first is the best final score among the trials that ran their whole schedule.
+    chosen = trials[trials["crossfit_rank"].notna()].sort_values("crossfit_rank")
+    assert {c.name for c in cands} == {f"cv-{t}" for t in chosen["trial_id"]}
+    assert chosen["completed"].all() and chosen["crossfit_reason"].str.len().gt(0).all()
+    assert chosen["score"].iloc[0] == trials.loc[trials["completed"], "score"].max()
     for cand in cands:
         ids, P = probs(cand / "oof.parquet")
         assert len(ids) == len(set(ids)) == len(folds) and set(ids) == set(folds["sample_id"])

@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial, from its last checkpoint")
     p.add_argument("--crossfit-top", type=int,
                    help="cross-fit this many of the best configs over all K folds (default: the task's; 0: skip)")
+    p.add_argument("--no-portfolio", action="store_true",
+                   help="do not start with the task's portfolio of known-good configs (TPE from the first trial)")
     p.add_argument("--crossfit-by", choices=["complementarity", "score"],
                    help="which configs to cross-fit: those the greedy ensemble of the fold-0 predictions picks "
                         "(default), or the top M by their own fold-0 score")
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if options.pop("resume"):
         return api.resume_search(task, **api.resume_options(options))
     options["tta"] = not options.pop("no_tta")
+    options["portfolio"] = not options.pop("no_portfolio")
     return api.run_search(task, **options)[0]
 
 

@@ -45,9 +45,30 @@ def trainable(ctx: TrialContext, res: Resources, crossfit: bool = False):
                                {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
 
 
-def build_tuner(task, ctx: TrialContext, b: dict, archs: dict, res: Resources, seed: int, cache_dir: str):
-    """The Tuner, OptunaSearch and ASHAScheduler, built together in one place."""
+def sampler(seed: int):
+    """TPE for a parallel search: the constant liar gives a running trial a pessimistic value, so
+    trials started together do not all sample the same region; multivariate with groups models
+    parameters jointly within each conditional branch (the architecture's own image sizes)."""
+    import warnings
+
     import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True, group=True)
+
+
+def portfolio(task, archs: dict, has_weights: dict, search_pretrained: bool, trials: int) -> list[dict]:
+    """The task's portfolio as the first trials: at most a third of the budget, at least one trial."""
+    from searchspace.tasks._space import portfolio_points
+
+    return portfolio_points(getattr(task, "PORTFOLIO", []), task.DEFAULT_RECIPE, archs, has_weights,
+                            search_pretrained, limit=max(1, trials // 3))
+
+
+def build_tuner(task, ctx: TrialContext, b: dict, archs: dict, res: Resources, seed: int, cache_dir: str,
+                use_portfolio: bool = True):
+    """The Tuner, OptunaSearch and ASHAScheduler, built together in one place."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -63,11 +84,13 @@ def build_tuner(task, ctx: TrialContext, b: dict, archs: dict, res: Resources, s
     # ASHA takes them from TuneConfig (giving them to it too is an error).
     # The study lives in a journal file that optuna-dashboard opens.
     # ASHA-stopped trials are told PRUNED, not COMPLETE with an early score.
+    # The portfolio's known-good, mutually different configs are enqueued as the first trials.
     has_weights = {arch: ctx.weights.get(arch) is not None for arch in archs}
+    first = portfolio(task, archs, has_weights, ctx.search_pretrained, b["trials"]) if use_portfolio else []
     searcher = TruthfulOptunaSearch(
         space=functools.partial(task.define_search_space, archs=archs, pretrained=has_weights,
                                 search_pretrained=ctx.search_pretrained),
-        metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=seed),
+        metric=metric, mode=mode, sampler=sampler(seed), points_to_evaluate=first or None,
         study_name=name, storage=open_journal(study_file(experiment, cache_dir)), max_t=b["max_epochs"])
     # The limiter also sets how many trials Tune samples ahead; without it
     # Tune keeps one pending trial and a second slot idles while actors start.

@@ -314,6 +314,7 @@ def prepare_experiment(argv: list[str], experiment):
     for key in ("crossfit_only", "experiment", "resume"):
         options.pop(key)
     options["tta"] = not options.pop("no_tta")
+    options["portfolio"] = not options.pop("no_portfolio")
     task = options.pop("task")
     experiment = str(experiment)
     options["storage"], options["name"] = os.path.dirname(experiment), os.path.basename(experiment)

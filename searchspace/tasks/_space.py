@@ -67,3 +67,44 @@ def suggest_augmentation(trial, rotate_max: float = 30.0, jpeg: bool = True,
     trial.suggest_float("jpeg", 0.0, 0.5 if jpeg else 0.0)
     trial.suggest_categorical("mix", ["none", "mixup", "cutmix"])
     trial.suggest_float("mix_alpha", 0.2, 1.0)
+
+
+# --- the portfolio: known-good, mutually different configs tried first --------------------
+
+# The recipe every portfolio entry starts from (the space's own parameter names).
+BASE_RECIPE = dict(resize_mode="squish", optimizer="adamw", lr=1e-3, weight_decay=0.01, batch_size=32,
+                   schedule="cosine", warmup_fraction=0.1, class_weight_power=0.0, label_smoothing=0.1,
+                   scale_min=0.75, hflip=0.5, vflip=0.0, rotate=0.0, color_jitter=0.0, grayscale=0.0,
+                   noise=0.0, blur=0.0, jpeg=0.0, mix="none", mix_alpha=0.4)
+
+def portfolio_points(portfolio: list[dict], default: dict, archs: dict[str, list[int]],
+                     has_weights: dict[str, bool], search_pretrained: bool = False,
+                     limit: int | None = None) -> list[dict]:
+    """A task's portfolio as Optuna parameters, filtered to the allowed architectures.
+
+    Each recipe names ``arch``, ``image_size`` (the nearest allowed size is
+    taken) and a fine-tuning ``lr``; the rest are the space's own parameter
+    names. An allowed architecture that no recipe covers gets the task's
+    ``default`` recipe at its largest size, so the first trials span every
+    architecture. Without weights a recipe trains from scratch at ten times
+    its learning rate (within the scratch range).
+    """
+    points = [_point(r, archs, has_weights, search_pretrained) for r in portfolio if r["arch"] in archs]
+    covered = {p["arch"] for p in points}
+    points += [_point({**default, "arch": a, "image_size": max(archs[a])}, archs, has_weights, search_pretrained)
+               for a in archs if a not in covered]
+    return points[:limit] if limit is not None else points
+
+
+def _point(recipe: dict, archs: dict[str, list[int]], has_weights: dict[str, bool], search_pretrained: bool) -> dict:
+    arch = recipe["arch"]
+    size = min(archs[arch], key=lambda s: (abs(s - recipe["image_size"]), -s))
+    point = {k: v for k, v in recipe.items() if k not in ("arch", "image_size", "lr", "freeze_fraction")}
+    point.update({"arch": arch, f"image_size_{arch}": size})
+    if has_weights.get(arch):
+        if search_pretrained:
+            point["pretrained"] = True
+        point.update(lr=recipe["lr"], freeze_fraction=recipe.get("freeze_fraction", 0.0))
+    else:
+        point["lr_scratch"] = min(max(recipe["lr"] * 10, LR_SCRATCH[0]), LR_SCRATCH[1])
+    return point

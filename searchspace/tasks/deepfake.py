@@ -16,7 +16,7 @@ from __future__ import annotations
 import pandas as pd
 
 from searchspace.data import Dataset, folder_classes, image_files, match_ids, read_csv, require_dir
-from searchspace.tasks._space import suggest_augmentation, suggest_loss, suggest_model, suggest_optimiser
+from searchspace.tasks._space import BASE_RECIPE, suggest_augmentation, suggest_loss, suggest_model, suggest_optimiser
 from trainer import storage
 from trainer.errors import BadInput
 
@@ -33,6 +33,19 @@ ARCHS = {
     "inception_resnet_v2": [256, 299],
 }
 VALID_NAMES = ("valid", "validation", "val")
+
+# Known-good, mutually different configs from the seeds, tried first: the DFDC augmentation recipe
+# (JPEG compression p 0.5, noise, blur, flips, colour, grayscale 0.2, small rotations) on
+# efficientnet, xception and inception-resnet backbones; a plain crop recipe for contrast.
+DEFAULT_RECIPE = dict(BASE_RECIPE, resize_mode="crop", scale_min=0.8, rotate=10.0, color_jitter=0.3,
+                      grayscale=0.2, noise=0.1, blur=0.05, jpeg=0.5)
+PORTFOLIO = [
+    dict(DEFAULT_RECIPE, arch="efficientnet_b0", image_size=224),
+    dict(DEFAULT_RECIPE, arch="xception41", image_size=299, lr=5e-4),
+    dict(DEFAULT_RECIPE, arch="tf_efficientnetv2_s", image_size=300),
+    dict(DEFAULT_RECIPE, arch="inception_resnet_v2", image_size=299, lr=5e-4),
+    dict(BASE_RECIPE, arch="efficientnet_b3", image_size=300, resize_mode="crop"),
+]
 
 
 def define_search_space(trial, archs: dict[str, list[int]] = ARCHS, pretrained: dict[str, bool] | None = None,

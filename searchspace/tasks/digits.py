@@ -18,7 +18,7 @@ from sklearn.model_selection import train_test_split
 
 from searchspace.data import Dataset
 from searchspace.tasks import paddy
-from searchspace.tasks._space import suggest_augmentation, suggest_loss, suggest_model, suggest_optimiser
+from searchspace.tasks._space import BASE_RECIPE, suggest_augmentation, suggest_loss, suggest_model, suggest_optimiser
 
 METRIC = "accuracy"
 BUDGET = dict(trials=16, max_epochs=9, grace_period=1, reduction_factor=4, folds=5, crossfit_top=4)
@@ -32,6 +32,11 @@ VERSION = "v1"
 FLIP_TTA = False  # a mirrored digit is another glyph
 # No downloads for the default task: its tiny models train from scratch.
 PRETRAINED = "no"
+
+# Mutually different configs tried first: each tiny architecture at its largest size, from scratch
+# (the recipe's lr is a fine-tuning one: scratch trials take ten times it).
+DEFAULT_RECIPE = dict(BASE_RECIPE, hflip=0.0, scale_min=0.8, rotate=10.0, batch_size=64, label_smoothing=0.05)
+PORTFOLIO = []
 
 
 def define_search_space(trial, archs: dict[str, list[int]] = ARCHS, pretrained: dict[str, bool] | None = None,

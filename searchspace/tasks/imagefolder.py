@@ -5,7 +5,7 @@ An optional DIR/test/ folder (flat) holds unlabelled test images.
 from __future__ import annotations
 
 from searchspace.data import Dataset, flat_test, folder_classes, image_files, require_dir
-from searchspace.tasks._space import suggest_augmentation, suggest_loss, suggest_model, suggest_optimiser
+from searchspace.tasks._space import BASE_RECIPE, suggest_augmentation, suggest_loss, suggest_model, suggest_optimiser
 from trainer import storage
 
 METRIC = "accuracy"
@@ -16,6 +16,16 @@ ARCHS = {
     "vit_small_patch16_224": [224],
     "efficientnet_b0": [224],
 }
+
+# Known-good, mutually different configs tried first: four families at 224 px with the seeds'
+# resized crop at min scale 0.75.
+DEFAULT_RECIPE = dict(BASE_RECIPE)
+PORTFOLIO = [
+    dict(DEFAULT_RECIPE, arch="convnext_small.fb_in22k", image_size=224),
+    dict(DEFAULT_RECIPE, arch="vit_small_patch16_224", image_size=224),
+    dict(DEFAULT_RECIPE, arch="efficientnet_b0", image_size=224, lr=2e-3),
+    dict(DEFAULT_RECIPE, arch="resnet50", image_size=224, optimizer="sgd", lr=3e-3),
+]
 
 
 def define_search_space(trial, archs: dict[str, list[int]] = ARCHS, pretrained: dict[str, bool] | None = None,

@@ -22,7 +22,7 @@ from conftest import make_deepfake_folders, make_imagefolder, make_paddy, prepar
 from searchspace.data import SkippedFiles
 from searchspace.run import main
 from searchspace.searcher import TruthfulOptunaSearch
-from searchspace.tasks import deepfake, imagefolder
+from searchspace.tasks import deepfake, imagefolder, paddy
 from searchspace.tasks._space import LR_FINETUNE, LR_SCRATCH
 from trainer.experiment import STUDY_FILE, open_journal
 
@@ -72,8 +72,6 @@ def test_pretrained_no_resolves_nothing_and_says_nothing(tmp_path, weights_dir, 
 
 @pytest.mark.parametrize("search", [False, True])
 def test_the_space_fine_tunes_what_has_weights_with_the_fine_tuning_range(search):
-    from searchspace.tasks import paddy
-
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(60):
@@ -153,6 +151,11 @@ def test_an_offline_search_fails_no_trial_and_the_study_matches_tune(tmp_path, r
     assert trials[trials["pretrained"]]["lr"].between(*LR_FINETUNE).all()
 
     study = optuna.load_study(study_name="exp", storage=open_journal(str(exp / STUDY_FILE)))
+    # The portfolio came first: one default recipe per architecture (6 trials -> at most 2 points).
+    first = sorted(study.trials, key=lambda t: t.number)[:2]
+    assert [t.params["arch"] for t in first] == ["test_resnet", "test_efficientnet"]
+    assert [t.params["scale_min"] for t in first] == [paddy.DEFAULT_RECIPE["scale_min"]] * 2
+    assert "lr" in first[0].params and "lr_scratch" in first[1].params
     by_lr = {t.params.get("lr", t.params.get("lr_scratch")): t for t in study.trials}
     assert len(by_lr) == len(trials) == 6
     for row in trials.itertuples():

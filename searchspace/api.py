@@ -20,8 +20,8 @@ import time
 from searchspace.crossfit import crossfit
 from searchspace.prepare import Resources, architectures, budget, prepare
 from searchspace.resume import resume
-from searchspace.search import build_tuner, finish_search
 from searchspace.tasks import get_task
+from searchspace.tuner import build_tuner, finish_search
 from trainer import storage
 from trainer.cache import default_cache_dir
 from trainer.errors import BadInput
@@ -75,7 +75,7 @@ def _prepare(task_name: str, data: str | None, options: dict):
         raise BadInput(f"{experiment.location}: already exists; pass --resume to continue it, or choose another --name")
     cache_dir, seed = options.pop("cache_dir"), options.pop("seed")
     recorded = {**options, **{k: getattr(res, k) for k in RESOURCE_KEYS}, "task": task_name, "data": data,
-                "storage": root, "name": name, "cache_dir": cache_dir, "seed": seed}
+                "storage": root, "name": name, "cache_dir": cache_dir, "seed": seed, "archs": archs}
     ctx = prepare(task, task_name, data, experiment, b, archs, cache_dir=cache_dir, seed=seed,
                   pretrained=options.get("pretrained"), weights_dir=options.get("weights_dir"),
                   search_pretrained=options.get("search_pretrained", False),

@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 
 from searchspace.prepare import Resources
-from searchspace.search import trainable
+from searchspace.tuner import trainable
 from trainer import storage
 from trainer.errors import BadInput
 from trainer.experiment import Experiment, TrialContext, aligned, probs_array, probs_table, ranked

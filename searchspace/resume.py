@@ -5,7 +5,7 @@ import time
 
 from searchspace.crossfit import crossfit
 from searchspace.prepare import Resources
-from searchspace.search import finish_search, trainable
+from searchspace.tuner import finish_search, trainable
 from trainer import storage
 from trainer.errors import BadInput
 from trainer.experiment import Experiment, TrialContext

@@ -2,7 +2,7 @@
 
 This module is the command line only: it parses the options and hands them
 to ``searchspace.api``. The pieces are ``searchspace.prepare`` (budget,
-architectures, data check, index, weights), ``searchspace.search`` (Ray Tune
+architectures, data check, index, weights), ``searchspace.tuner`` (Ray Tune
 with Optuna and ASHA), ``searchspace.crossfit`` and ``searchspace.resume``;
 docs/design.md describes the experiment they write.
 """

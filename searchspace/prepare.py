@@ -125,7 +125,7 @@ def prepare(task, task_name: str, data: str | None, experiment: Experiment, b: d
     train_paths = dataset.train["path"].tolist()
     test_paths = dataset.test["path"].tolist() if dataset.test is not None else []
     print(f"checking {len(train_paths) + len(test_paths)} images in {data} ...", flush=True)
-    sizes, bad = scan(train_paths + test_paths)
+    sizes, bad = scan(train_paths + test_paths, cache_dir=cache_dir)
     if bad and not skip_unreadable:
         listed = "\n".join(f"  {path}: {why}" for path, why in bad.items())
         raise BadInput(f"{len(bad)} unreadable image(s); fix or remove them, or pass --skip-unreadable:\n{listed}")

@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import io
+import sys
+import threading
+import time
 import warnings
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
+import pyarrow.fs as pafs
 from PIL import Image
 
 from trainer import storage
+from trainer.scan_cache import CheckCache, Identity
 
 RESIZE_MODES = ("squish", "crop", "letterbox")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -88,12 +94,30 @@ def load(location: str, size: int, mode: str) -> np.ndarray:
     return resize(decode_rgb(storage.read_bytes(location), location, min_side=size), size, mode)
 
 
+# --- scan ----------------------------------------------------------------------
+
+# Bump when _check changes what it accepts: verdicts of another version are checked again.
+CHECK_VERSION = 1
+_UNREADABLE = "cannot read: "
+_SCAN_CHUNK = 500  # files per batch: one progress step and one commit of verdicts
+_checks = 0
+_checks_lock = threading.Lock()
+
+
+def decode_checks() -> int:
+    """How many files this process has read and decode-checked so far (a scan cache hit reads none)."""
+    return _checks
+
+
 def _check(location: str) -> tuple[int, str | None]:
     """(size in bytes, None) if the file decodes completely, else (size, the reason)."""
+    global _checks
+    with _checks_lock:
+        _checks += 1
     try:
         data = storage.read_bytes(location)
     except Exception as e:
-        return 0, f"cannot read: {e}".splitlines()[0]
+        return 0, f"{_UNREADABLE}{e}".splitlines()[0]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -108,9 +132,97 @@ def _check(location: str) -> tuple[int, str | None]:
         return len(data), f"{type(e).__name__}: {e}".splitlines()[0]
 
 
-def scan(locations: list[str], workers: int = 8) -> tuple[list[int], dict[str, str]]:
-    """Decode-check every file: (byte sizes, {location: reason} for the unreadable ones)."""
+def file_identities(locations: list[str], workers: int = 8) -> list[Identity | None]:
+    """(size, mtime in ns) of each file; None where it is missing or has no mtime.
+
+    Local files: a stat each (pyarrow, one call per folder). In a bucket: one
+    listing per folder (1,000 objects a request), not a request per object.
+    """
+    folders = defaultdict(list)  # parent location -> [(file name, index)]
+    for i, loc in enumerate(locations):
+        base, sep, query = storage.absolute(loc).partition("?")
+        parent, _, name = base.rpartition("/")
+        folders[(parent or "/") + sep + query].append((name, i))
+    out: list[Identity | None] = [None] * len(locations)
+
+    def identify(parent: str) -> None:
+        fs, root = storage.resolve(parent)
+        named = folders[parent]
+        if isinstance(fs, pafs.LocalFileSystem):
+            infos = fs.get_file_info([f"{root.rstrip('/')}/{name}" for name, _ in named])
+        else:
+            listed = {info.base_name: info for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))}
+            infos = [listed.get(name) for name, _ in named]
+        for (_, i), info in zip(named, infos):
+            if info is not None and info.type == pafs.FileType.File and info.mtime_ns is not None:
+                out[i] = (info.size, info.mtime_ns)
+
     with ThreadPoolExecutor(workers) as pool:
-        checked = list(pool.map(_check, locations))
-    bad = {loc: why for loc, (_, why) in zip(locations, checked) if why is not None}
-    return [size for size, _ in checked], bad
+        list(pool.map(identify, folders))
+    return out
+
+
+class Progress:
+    """A line on stderr at every 10% (or every ``every_s`` seconds) of a long job; silent below ``min_total``."""
+
+    def __init__(self, what: str, total: int, start: int = 0, min_total: int = 2000, every_s: float = 15.0):
+        self.what, self.total, self.start, self.every_s = what, total, start, every_s
+        self.on = total >= min_total
+        self.t0 = self.last = time.perf_counter()
+        self.next_pct = 100 * start // max(total, 1) // 10 * 10 + 10
+
+    def update(self, done: int) -> None:
+        if not self.on:
+            return
+        now = time.perf_counter()
+        pct = 100 * done // self.total
+        if pct < self.next_pct and now - self.last < self.every_s:
+            return
+        self.next_pct, self.last = pct // 10 * 10 + 10, now
+        rate = (done - self.start) / max(now - self.t0, 1e-9)
+        tail = (f"done in {now - self.t0:.0f} s" if done >= self.total
+                else f"~{(self.total - done) / max(rate, 1e-9):.0f} s left")
+        print(f"{self.what}: {done:,}/{self.total:,} ({pct}%), {rate:,.0f}/s, {tail}", file=sys.stderr, flush=True)
+
+
+def scan(locations: list[str], workers: int = 8, cache_dir: str | None = None) -> tuple[list[int], dict[str, str]]:
+    """Decode-check every file: (byte sizes, {location: reason} for the unreadable ones).
+
+    With ``cache_dir`` (the node cache), each verdict is kept by (location,
+    size, mtime) in a small sqlite file there (trainer.scan_cache): a file
+    unchanged since its last check is not read again; a new or changed one
+    is. Progress goes to stderr when 2,000 files or more are read.
+    """
+    n = len(locations)
+    sizes, reasons = [0] * n, [None] * n
+    identities: list[Identity | None] = [None] * n
+    store, known = None, {}
+    if cache_dir is not None:
+        identities = file_identities(locations, workers)
+        store = CheckCache(cache_dir, CHECK_VERSION)
+        known = store.known(locations, identities)
+        for i, reason in known.items():
+            sizes[i], reasons[i] = identities[i][0], reason
+    todo = [i for i in range(n) if i not in known]
+    what = "checking images" + (f" ({len(known):,} unchanged since their last check)" if known else "")
+    progress = Progress(what, len(todo))
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for start in range(0, len(todo), _SCAN_CHUNK):
+                part = todo[start:start + _SCAN_CHUNK]
+                fresh = []
+                for i, (size, why) in zip(part, pool.map(_check, [locations[i] for i in part])):
+                    sizes[i], reasons[i] = size, why
+                    # Keep only a verdict on the bytes the identity describes; a file
+                    # that could not be read (permissions, network) is tried again.
+                    ident = identities[i]
+                    if ident is not None and ident[0] == size and not (why or "").startswith(_UNREADABLE):
+                        fresh.append((locations[i], ident, why))
+                if store is not None:
+                    store.record(fresh)  # one commit per chunk: a killed scan keeps what it checked
+                progress.update(start + len(part))
+    finally:
+        if store is not None:
+            store.close()
+    bad = {loc: why for loc, why in zip(locations, reasons) if why is not None}
+    return sizes, bad

@@ -2,12 +2,15 @@
 
 builds.jsonl gets one line per build; these tests count its lines to see
 that nothing was decoded twice, within a process, across processes, and
-across the trials of a real search.
+across the trials of a real search. A build killed half-way is a real
+process that dies with os._exit in the middle of a chunk.
 """
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,8 +19,11 @@ import pytest
 from conftest import write_image
 
 from trainer import storage
-from trainer.cache import cached_images, fingerprint
+from trainer.cache import SPARE_BYTES, cached_images, check_free_space, fingerprint
+from trainer.errors import BadInput
 from trainer.images import load
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _images(root: Path, n: int, size=(40, 24)) -> list[str]:
@@ -152,3 +158,92 @@ def test_a_search_decodes_each_image_once_per_size_and_mode(tiny_experiment):
     trials = storage.read_parquet(str(tiny_experiment.experiment / "trials.parquet")).to_pandas()
     used = set(zip(trials["image_size"].astype(int), trials["resize_mode"]))
     assert used <= train_entries
+
+
+# --- at scale: killed builds, a full disk -------------------------------------------
+
+# A build in its own process that dies (os._exit: no clean-up, no atexit) when it
+# starts decoding image number `die_at`. One chunk = 40 images, progress synced
+# after each chunk (CHECKPOINT_S = 0). Image 131 is in chunk 3, decoded while
+# chunk 2 is written: 80 or 120 images are on record when it dies.
+_KILLED_BUILD = """
+import json, os, sys
+from trainer import cache, images
+locations, cache_dir, die_at = json.load(open(sys.argv[1])), sys.argv[2], int(sys.argv[3])
+cache.CHUNK_BYTES, cache.CHECKPOINT_S = 40 * 16 * 16 * 3, 0.0
+real_load, calls = images.load, []
+def load(*args):
+    calls.append(1)
+    if len(calls) >= die_at:
+        os._exit(9)
+    return real_load(*args)
+images.load = load
+cache.cached_images(locations, "k", 16, "squish", cache_dir, workers=2)
+"""
+
+
+def test_a_build_killed_half_way_resumes_and_equals_a_clean_build(tmp_path):
+    locations = _images(tmp_path / "img", 300)
+    cache = tmp_path / "cache"
+    (tmp_path / "locations.json").write_text(json.dumps(locations))
+    proc = subprocess.run([sys.executable, "-c", _KILLED_BUILD, str(tmp_path / "locations.json"), str(cache), "131"],
+                          check=False, cwd=REPO, timeout=120)
+    assert proc.returncode == 9
+    entry = cache / "k" / "16-squish"
+    # what a killed build leaves: the partial file and its progress, nothing a reader would take
+    assert sorted(os.listdir(entry)) == ["images.u8.tmp", "progress.json"]
+    done = json.loads((entry / "progress.json").read_text())["done"]
+    assert done in (80, 120)
+    assert _builds(cache) == []
+
+    arr = cached_images(locations, "k", 16, "squish", str(cache))  # its lock died with it
+    [build] = _builds(cache)
+    assert (build["resumed_from"], build["decoded"]) == (done, 300 - done)
+    assert sorted(os.listdir(entry)) == ["images.u8", "meta.json"]
+    clean = cached_images(locations, "k", 16, "squish", str(tmp_path / "clean"))
+    assert np.array_equal(np.asarray(arr), np.asarray(clean))
+
+
+def test_leftovers_that_do_not_match_are_thrown_away(tmp_path):
+    locations = _images(tmp_path / "img", 6)
+    cache = tmp_path / "cache"
+    entry = cache / "k" / "8-crop"
+    entry.mkdir(parents=True)
+    # a partial file of another shape, with a record claiming most of it is done
+    (entry / "images.u8.tmp").write_bytes(b"\xff" * 1000)
+    (entry / "progress.json").write_text(json.dumps({"shape": [6, 8, 8, 3], "mode": "crop", "done": 4}))
+    arr = cached_images(locations, "k", 8, "crop", str(cache))
+    assert _builds(cache)[0]["resumed_from"] == 0
+    assert all(np.array_equal(arr[i], load(loc, 8, "crop")) for i, loc in enumerate(locations))
+
+
+def test_a_torn_meta_json_means_rebuild_not_a_crash(tmp_path):
+    locations = _images(tmp_path / "img", 3)
+    cache = tmp_path / "cache"
+    cached_images(locations, "k", 8, "squish", str(cache))
+    (cache / "k" / "8-squish" / "meta.json").write_text('{"shape": [3, 8')
+    arr = cached_images(locations, "k", 8, "squish", str(cache))
+    assert len(_builds(cache)) == 2 and arr.shape == (3, 8, 8, 3)
+
+
+def test_a_disk_without_room_stops_with_what_to_do(tmp_path):
+    check_free_space(str(tmp_path), 1000)  # fits: no error
+    needed = 10**15  # a petabyte
+    with pytest.raises(BadInput) as e:
+        check_free_space(str(tmp_path / "not" / "made" / "yet"), needed, "100,000 images at 224 px (squish)")
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'not' / 'made' / 'yet'}: no room for 100,000 images at 224 px (squish)")
+    assert f"{needed:,} bytes" in msg and "is free" in msg and f"{SPARE_BYTES / 1e9:.2f} GB spare" in msg
+    assert "bigger disk" in msg and "--cache-dir" in msg and "fewer image sizes" in msg
+    assert "\n" not in msg
+
+
+def test_a_build_that_cannot_fit_stops_before_writing(tmp_path):
+    """An entry bigger than the disk: BadInput before a byte is written, nothing left behind."""
+    huge = 200_000  # 200k images at 4096 px: ~10 TB
+    locations = [str(tmp_path / f"{i}.jpg") for i in range(huge)]  # never read
+    cache = tmp_path / "cache"
+    with pytest.raises(BadInput, match="no room for 200,000 images at 4096 px"):
+        cached_images(locations, "k", 4096, "squish", str(cache))
+    assert os.listdir(cache / "k" / "4096-squish") == []
+    assert _builds(cache) == []

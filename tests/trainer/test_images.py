@@ -1,13 +1,32 @@
-"""trainer.images: decode any image to RGB uint8, the three resize modes, and the decode-check scan."""
+"""trainer.images: decode any image to RGB uint8, the three resize modes, and the decode-check scan.
+
+The scan's cache of verdicts is checked by counting the files a scan reads
+(``decode_checks()``), on real files changed the ways files change.
+"""
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
 from conftest import IMAGE_KINDS, class_pixels, truncate_file, write_image
+from PIL import Image
 
-from trainer.images import RESIZE_MODES, decode_rgb, load, resize, scan
+from trainer import scan_cache
+from trainer.images import RESIZE_MODES, Progress, decode_checks, decode_rgb, file_identities, load, resize, scan
+
+REPO = Path(__file__).resolve().parents[2]
+
+try:  # moto's S3 server (a real HTTP server in its own process) and its fixtures
+    from test_storage_s3 import moto_endpoint, s3, uri  # noqa: F401
+except pytest.skip.Exception:
+    uri = None
 
 
 @pytest.mark.parametrize("kind", IMAGE_KINDS)
@@ -170,3 +189,146 @@ def test_every_file_the_scan_passes_decodes_for_training(tmp_path, fmt):
     _, bad = scan([str(path)])
     if str(path) not in bad:
         assert decode_rgb(path.read_bytes(), str(path)).shape == (32, 32, 3)
+
+
+# --- the scan's cache of verdicts (by location, size and mtime) ----------------------
+
+def _dataset(root, n: int) -> list[str]:
+    return [str(write_image(root / f"img_{i:03d}.jpg", "rgb", size=(48, 32), seed=i, cls=i % 4)) for i in range(n)]
+
+
+def _scan_counting(locations, cache_dir) -> tuple[list[int], dict[str, str], int]:
+    """scan(), and how many files it read and decode-checked."""
+    before = decode_checks()
+    sizes, bad = scan(locations, workers=2, cache_dir=str(cache_dir))
+    return sizes, bad, decode_checks() - before
+
+
+def test_a_second_scan_of_unchanged_files_reads_none(tmp_path):
+    locations = _dataset(tmp_path / "img", 20)
+    broken = locations[7]
+    truncate_file(broken)
+    cache = tmp_path / "cache"
+    sizes, bad, read = _scan_counting(locations, cache)
+    assert read == 20 and set(bad) == {broken}
+    assert sizes == [os.path.getsize(p) for p in locations]
+    # the same answer, broken file included, without reading a single file
+    assert _scan_counting(locations, cache) == (sizes, bad, 0)
+    # without cache_dir: as before, every file read again
+    assert scan(locations, workers=2) == (sizes, bad)
+
+
+def test_the_verdict_follows_size_and_mtime_only(tmp_path):
+    """What the cache trusts, shown: bytes replaced with garbage of the same size and mtime keep their verdict."""
+    locations = _dataset(tmp_path / "img", 3)
+    cache = tmp_path / "cache"
+    assert scan(locations, cache_dir=str(cache))[1] == {}
+    path = Path(locations[1])
+    stat = path.stat()
+    path.write_bytes(b"\0" * stat.st_size)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _scan_counting(locations, cache)[1:] == ({}, 0)      # not read: same identity
+    assert set(scan(locations)[1]) == {str(path)}                # a full check sees it
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    _, bad, read = _scan_counting(locations, cache)  # a new mtime: read, and seen
+    assert set(bad) == {str(path)} and read == 1
+
+
+def test_a_changed_file_is_checked_again(tmp_path):
+    locations = _dataset(tmp_path / "img", 10)
+    cache = tmp_path / "cache"
+    first, bad, _ = _scan_counting(locations, cache)
+    assert bad == {}
+    time.sleep(0.01)  # a new mtime even on a coarse clock
+
+    # rewritten with other content and size: read again, its new size reported
+    write_image(locations[2], "rgb", size=(96, 64), seed=99, cls=3)
+    # cut short (a broken re-download): read again and reported
+    truncate_file(locations[5])
+    sizes, bad, read = _scan_counting(locations, cache)
+    assert read == 2
+    assert set(bad) == {locations[5]}
+    assert sizes[2] == os.path.getsize(locations[2]) != first[2]
+    assert sizes[5] == os.path.getsize(locations[5]) < first[5]
+    assert [s for i, s in enumerate(sizes) if i not in (2, 5)] == [s for i, s in enumerate(first) if i not in (2, 5)]
+    assert _scan_counting(locations, cache)[1:] == (bad, 0)
+
+    # repaired: read once more, and good again
+    write_image(locations[5], "rgb", size=(48, 32), seed=5, cls=1)
+    assert _scan_counting(locations, cache)[1:] == ({}, 1)
+
+
+def test_a_missing_file_is_not_remembered(tmp_path):
+    locations = _dataset(tmp_path / "img", 3)
+    later = str(tmp_path / "img" / "later.jpg")
+    cache = tmp_path / "cache"
+    _, bad, read = _scan_counting(locations + [later], cache)
+    assert read == 4 and set(bad) == {later} and bad[later].startswith("cannot read")
+    write_image(later, "rgb", size=(48, 32))
+    assert _scan_counting(locations + [later], cache)[1:] == ({}, 1)
+
+
+def test_a_cache_file_sqlite_cannot_read_is_started_afresh(tmp_path):
+    locations = _dataset(tmp_path / "img", 4)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / scan_cache.FILE_NAME).write_bytes(b"not a database, e.g. a torn copy" * 100)
+    assert _scan_counting(locations, cache)[1:] == ({}, 4)
+    assert _scan_counting(locations, cache)[1:] == ({}, 0)
+
+
+def test_two_processes_scanning_at_once_agree_and_fill_one_cache(tmp_path):
+    locations = [str(write_image(tmp_path / "img" / f"{i:04d}.png", "rgb", size=(24, 16), seed=i)) for i in range(1200)]
+    truncate_file(locations[700])
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    # Both processes import, wait for `go`, then scan together (three commits of verdicts each).
+    script = ("import json, os, sys, time; from trainer.images import scan\n"
+              "while not os.path.exists(sys.argv[3]): time.sleep(0.005)\n"
+              "print(json.dumps(scan(json.load(open(sys.argv[1])), workers=2, cache_dir=sys.argv[2])))")
+    (tmp_path / "locations.json").write_text(json.dumps(locations))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "locations.json"), str(cache), str(go)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    go.touch()
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0]
+    a, b = (json.loads(out) for out in outputs)
+    assert a == b and set(a[1]) == {locations[700]}
+    assert _scan_counting(locations, cache) == (a[0], a[1], 0)
+
+
+@pytest.mark.skipif(uri is None, reason="needs boto3 and moto (the test extra)")
+def test_a_scan_in_a_bucket_lists_each_folder_and_remembers(s3, tmp_path):
+    """Identities come from one listing per folder (no read per object); a re-uploaded object is read again."""
+    s3.create_bucket(Bucket="scan")
+    ok = cv2.imencode(".jpg", class_pixels(1, (40, 30)))[1].tobytes()
+    for i in range(6):
+        s3.put_object(Bucket="scan", Key=f"data/{'a' if i < 3 else 'b'}/{i}.jpg", Body=ok)
+    locations = [uri(s3.endpoint, "scan", f"data/{'a' if i < 3 else 'b'}/{i}.jpg") for i in range(6)]
+    locations.append(uri(s3.endpoint, "scan", "data/a/missing.jpg"))
+    identities = file_identities(locations)
+    assert [ident[0] for ident in identities[:6]] == [len(ok)] * 6 and identities[6] is None
+    cache = tmp_path / "cache"
+    sizes, bad, read = _scan_counting(locations, cache)
+    assert read == 7 and set(bad) == {locations[6]} and sizes[:6] == [len(ok)] * 6
+    assert _scan_counting(locations, cache)[1:] == (bad, 1)      # only the missing one is tried again
+    s3.put_object(Bucket="scan", Key="data/b/4.jpg", Body=ok[: len(ok) // 2])
+    _, bad, read = _scan_counting(locations, cache)
+    assert read == 2 and set(bad) == {locations[4], locations[6]}
+
+
+def test_progress_prints_every_tenth_of_a_long_job_and_nothing_for_a_short_one(capsys):
+    long = Progress("checking images", 5000, every_s=3600)
+    for done in range(250, 5001, 250):
+        long.update(done)
+    short = Progress("checking images", 1999)
+    for done in range(1, 2000):
+        short.update(done)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 10
+    assert lines[0].startswith("checking images: 500/5,000 (10%)")
+    assert lines[-1].startswith("checking images: 5,000/5,000 (100%)") and "done in" in lines[-1]
+
+
+def test_small_scans_are_quiet(tmp_path, capsys):
+    scan(_dataset(tmp_path / "img", 5), cache_dir=str(tmp_path / "cache"))
+    assert capsys.readouterr() == ("", "")

@@ -59,11 +59,13 @@ def sampler(seed: int):
 
 
 def portfolio(task, archs: dict, has_weights: dict, search_pretrained: bool, trials: int) -> list[dict]:
-    """The task's portfolio as the first trials: at most a third of the budget, at least one trial."""
+    """The task's portfolio as the first trials: a third of the budget, or every allowed architecture
+    once when that is more and takes at most half the budget; at least one trial."""
     from searchspace.tasks._space import portfolio_points
 
+    limit = max(1, trials // 3, min(len(archs), trials // 2))
     return portfolio_points(getattr(task, "PORTFOLIO", []), task.DEFAULT_RECIPE, archs, has_weights,
-                            search_pretrained, limit=max(1, trials // 3))
+                            search_pretrained, limit=limit)
 
 
 def build_tuner(task, ctx: TrialContext, b: dict, archs: dict, res: Resources, seed: int, cache_dir: str,

@@ -9,7 +9,7 @@ import pandas as pd
 
 from trainer import storage
 from trainer.errors import BadInput
-from trainer.experiment import probs_array
+from trainer.experiment import newest, probs_array
 
 
 @dataclass
@@ -27,17 +27,8 @@ class Candidates:
 
 
 def newest_experiment(runs: str) -> str:
-    """The most recently created experiment (by experiment.json) under a runs folder."""
-    found = []
-    if storage.is_dir(runs):
-        for rel, _ in storage.list_files(runs):
-            parts = rel.split("/")
-            if len(parts) == 2 and parts[1] == "experiment.json":
-                location = storage.join(runs, parts[0])
-                found.append((storage.read_json(storage.join(location, "experiment.json")).get("created", ""), location))
-    if not found:
-        raise BadInput(f"{runs}: no experiment found; run `python -m searchspace.run TASK` first or pass --experiment")
-    return max(found)[1]
+    """The most recently created experiment under a runs folder (trainer.experiment.newest)."""
+    return newest(runs)
 
 
 def probs_matrix(table, location: str) -> np.ndarray:

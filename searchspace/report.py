@@ -1,7 +1,7 @@
 """python -m searchspace.report: one HTML page that explains an experiment.
 
 Reads what the search, the cross-fit and ``ensemble_builder select`` wrote
-(see ../shared/DESIGN.md) and writes ``report/index.html`` with its PNG
+(docs/design.md has the contract) and writes ``report/index.html`` with its PNG
 figures into the experiment, through trainer.storage, so a bucket works like
 a local folder. The page is static (inline CSS, no script, relative image
 paths): copy the folder anywhere, or sync it from the bucket, and open it.
@@ -23,12 +23,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from trainer import experiment as contract
 from trainer import storage
 from trainer.errors import BadInput
+from trainer.experiment import DEFAULT_RUNS, STUDY_FILE
 
-DEFAULT_RUNS = "runs"
 # Optuna storage files that the search may leave in the experiment, first found wins.
-STUDY_FILES = ("optuna_journal.log", "optuna.db")
+STUDY_FILES = (STUDY_FILE,)
 # trials.parquet columns that are results, not hyperparameters.
 RESULT_COLUMNS = {"trial_id", "metric", "best_score", "best_epoch", "epochs_run", "stopped_early",
                   "seconds", "status", "error", "checkpoint"}
@@ -240,22 +241,20 @@ def importances(study) -> tuple[dict[str, float], str, int]:
 
 def blended_oof(exp: Experiment, members: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """(labels, weighted mean probabilities) over the samples every member predicted, by sample_id."""
-    from ensemble_builder.candidates import probs_matrix
-
-    index = storage.read_parquet(storage.join(exp.location, "folds.parquet")).to_pandas()
-    frames, weights = [], []
+    experiment = contract.Experiment(exp.location)
+    index = experiment.folds()
+    tables, weights = [], []
     for m in members:
-        location = storage.join(exp.location, "candidates", m["candidate"], "oof.parquet")
-        if not storage.exists(location):
-            raise BadInput(f"{location}: missing; the ensemble names a candidate that is gone "
+        candidate = experiment.candidate(m["candidate"])
+        if not candidate.has_oof():
+            raise BadInput(f"{candidate.file('oof.parquet')}: missing; the ensemble names a candidate that is gone "
                            "(run `python -m ensemble_builder select` again)")
-        table = storage.read_parquet(location)
-        frames.append(pd.DataFrame(probs_matrix(table, location), index=table.column("sample_id").to_pylist()))
+        tables.append(candidate.oof())
         weights.append(float(m["weight"]))
-    common = set.intersection(*(set(f.index) for f in frames))
+    common = set.intersection(*(set(t.column("sample_id").to_pylist()) for t in tables))
     order = [s for s in index["sample_id"] if s in common]
     w = np.array(weights) / sum(weights)
-    P = sum(wi * f.loc[order].to_numpy() for wi, f in zip(w, frames))
+    P = sum(wi * contract.aligned(t, order) for wi, t in zip(w, tables))
     y = index.set_index("sample_id").loc[order, "label"].to_numpy()
     return y, P
 
@@ -414,8 +413,8 @@ def fig_grid(exp: Experiment) -> bytes | None:
         for j in range(len(sizes)):
             if np.isfinite(values[i, j]):
                 light = (values[i, j] < mid) == exp.maximize
-                ax.text(j, i, f"{values[i, j]:.3f}\n({plural(int(count.iloc[i, j]), 'trial')})", ha="center", va="center",
-                        fontsize=8, color="white" if light else "black")
+                label = f"{values[i, j]:.3f}\n({plural(int(count.iloc[i, j]), 'trial')})"
+                ax.text(j, i, label, ha="center", va="center", fontsize=8, color="white" if light else "black")
             else:
                 ax.text(j, i, "not tried", ha="center", va="center", fontsize=8, color="#888888")
     ax.set_xticks(range(len(sizes)), [f"{s} px" for s in sizes])
@@ -434,17 +433,27 @@ def fig_trajectory(ens: dict) -> bytes | None:
     best = int(ens.get("best_step", int(np.argmax(traj))))
     fig = Figure(figsize=(6.2, 3.6), layout="constrained")
     ax = fig.subplots()
-    ax.plot(steps, traj, "-o", ms=3, color=SAVED, lw=1.3, label="ensemble")
+    ax.plot(steps, traj, "-o", ms=3, color=SAVED, lw=1.3, label="ensemble (in-sample)")
     ax.plot(best + 1, traj[best], "*", ms=16, color=STOPPED, mec="black", label=f"best step ({best + 1})", zorder=4)
     single = ens.get("scores", {}).get("best_single", {}).get(ens.get("metric"))
     if single is not None:
-        ax.axhline(single, color="grey", ls="--", lw=1, label="best single candidate")
+        ax.axhline(single, color="grey", ls="--", lw=1, label="best single candidate (in-sample)")
+    honest = cv_score(ens, "ensemble")
+    if honest is not None:   # the selection scored on images it did not see: where the curve really lands
+        ax.axhline(honest[0], color=STOPPED, ls=":", lw=1.5, label="ensemble, cross-validated")
     ax.set_xlabel("greedy step (picks, with replacement)")
-    ax.set_ylabel(f"out-of-fold {ens.get('metric', '')}")
-    ax.set_title("Caruana selection trajectory", fontsize=10)
+    ax.set_ylabel(f"in-sample out-of-fold {ens.get('metric', '')}")
+    ax.set_title("Caruana selection trajectory (in-sample, optimistic)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return png(fig)
+
+
+def cv_score(ens: dict, predictor: str) -> tuple[float, float] | None:
+    """(pooled cross-validated score, std over folds) of a predictor in ensemble.json, if it has one."""
+    est = (ens.get("cv") or {}).get("estimate", {}).get(predictor)
+    value = (est or {}).get("scores", {}).get(ens.get("metric"))
+    return None if value is None else (value, est.get("std", 0.0))
 
 
 def fig_confusion(cm: np.ndarray, names: list[str], title: str) -> bytes:
@@ -542,7 +551,8 @@ body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;color:#222;
 main{max-width:1240px;margin:0 auto;padding:18px 24px 40px}
 h1{font-size:24px;margin:6px 0 2px} h2{font-size:19px;margin:30px 0 8px;border-bottom:2px solid #dde;padding-bottom:4px}
 h3{font-size:15px;margin:16px 0 6px}
-p,li{line-height:1.45;font-size:14px} .muted{color:#667} .note{background:#fff8e1;border-left:4px solid #f2b01e;padding:8px 12px}
+p,li{line-height:1.45;font-size:14px} .muted{color:#667}
+.note{background:#fff8e1;border-left:4px solid #f2b01e;padding:8px 12px}
 .cards{display:flex;flex-wrap:wrap;gap:12px;margin:14px 0}
 .card{background:#fff;border:1px solid #dde;border-radius:6px;padding:10px 14px;min-width:160px;flex:1 1 auto}
 .card b{display:block;font-size:22px;margin-top:2px;white-space:nowrap} .card span{font-size:12px;color:#667}
@@ -612,6 +622,32 @@ def figure(name: str | None, caption: str, alt: str) -> str:
     if name is None:
         return ""
     return f"<figure><img src='{esc(name)}' alt='{esc(alt)}'><figcaption>{caption}</figcaption></figure>"
+
+
+def cv_section(ens: dict) -> str:
+    """The cross-validated ensemble estimate (the headline), and the selection settings it chose between."""
+    cv, metric = ens["cv"], ens.get("metric", "")
+    rows = [{"": k.replace("_", " "), metric: e["scores"].get(metric), "± std over folds": e.get("std"),
+             **{m: v for m, v in e["scores"].items() if m != metric}} for k, e in cv.get("estimate", {}).items()]
+    settings = [{"setting": s["name"], f"CV {metric}": s["scores"].get(metric),
+                 "CV log loss": s["scores"].get("log_loss"), "± std over folds": s.get("std")}
+                for s in cv.get("settings", [])]
+    chosen = [("best" if s["name"] == cv.get("chosen", {}).get("name") else "") for s in cv.get("settings", [])]
+    folds = cv.get("fold_sizes", [])
+    how = (f"the experiment's {len(folds)} folds" if cv.get("splits") == "experiment folds" else
+           f"{len(folds)} random stratified splits of the holdout images (the candidates cover one fold only)")
+    verdict = ("No blend beat the best single candidate under cross-validation: the ensemble fell back to it."
+               if cv.get("fallback") else f"Chosen: {esc(cv.get('chosen', {}).get('name', '?'))}"
+               + ("" if cv.get("auto", True) else " (as given, --no-auto)") + ".")
+    return ("<h3>Cross-validated scores</h3>"
+            f"<p class='muted'>Over {how}: each fold is held out in turn, the selection (and the best single "
+            "candidate, and the top-K mean) is chosen on the other folds and scored on the held-out images; "
+            f"scores are pooled over all {sum(folds)} images. CV gain over the best single candidate: "
+            f"<b>{cv.get('gain', 0):+.4f}</b> {esc(metric)}"
+            + (" (a reduction: lower is better)" if metric == "log_loss" else "") + f". {verdict}</p>"
+            + table(rows, left={""})
+            + "<details><summary>selection settings tried (ties go to the lower CV log loss, then the simpler "
+              "setting)</summary>" + table(settings, left={"setting"}, row_class=chosen) + "</details>")
 
 
 def leaderboard(exp: Experiment, imp: dict[str, float]) -> str:
@@ -711,8 +747,18 @@ def build(location: str) -> list[str]:
               if best_row is not None else "no finished trial")]
     if ens:
         e = ens.get("scores", {}).get("ensemble", {})
-        cards.append((f"ensemble {ens.get('metric', metric)}", fmt(e.get(ens.get("metric", metric))),
-                      f"{len(ens.get('members', []))} member(s), out of fold"))
+        in_sample = fmt(e.get(ens.get("metric", metric)))
+        honest = cv_score(ens, "ensemble")
+        if honest is not None:   # the headline is the cross-validated score; in-sample only as a footnote
+            cv = ens["cv"]
+            cards.append((f"ensemble {ens.get('metric', metric)}, cross-validated",
+                          f"{fmt(honest[0])} ± {fmt(honest[1])}",
+                          ("fell back to the best single candidate" if cv.get("fallback") else
+                           f"{len(ens.get('members', []))} member(s), {cv.get('gain', 0):+.4f} over the best single")
+                          + f"; in-sample {in_sample} (optimistic)"))
+        else:
+            cards.append((f"ensemble {ens.get('metric', metric)}", in_sample,
+                          f"{len(ens.get('members', []))} member(s), in-sample out of fold (optimistic)"))
     cards.append(("trials", f"{len(t)}", f"{saved['stopped']} stopped early by ASHA, {n_err} failed"))
     share = saved["epochs_saved"] / saved["epochs_full"] if saved["epochs_full"] else 0.0
     cards.append(("ASHA saved", f"{100 * share:.0f} % of trial-epochs",
@@ -727,8 +773,9 @@ def build(location: str) -> list[str]:
          f"({'higher' if exp.maximize else 'lower'} is better) · {len(names)} classes · "
          f"{esc(exp.meta.get('folds', '?'))} folds · created {esc(created)} · "
          f"<code>{esc(exp.location)}</code></p>",
-         "<div class='cards'>" + "".join(f"<div class='card'><span>{esc(a)}</span><b>{esc(b)}</b><span>{esc(c)}</span></div>"
-                                        for a, b, c in cards) + "</div>"]
+         "<div class='cards'>"
+         + "".join(f"<div class='card'><span>{esc(a)}</span><b>{esc(b)}</b><span>{esc(c)}</span></div>"
+                   for a, b, c in cards) + "</div>"]
 
     h.append("<h2>Leaderboard</h2>")
     h.append(f"<p class='muted'>Every trial of the search, best first: its best {esc(metric)} on the holdout "
@@ -760,12 +807,19 @@ def build(location: str) -> list[str]:
         score_rows = [{"": k.replace("_", " "), **{m: v for m, v in s.items()}} for k, s in sc.items()]
         mtab = [{"candidate": m["candidate"], "weight": round(float(m["weight"]), 4),
                  "picks": (ens.get("picks") or []).count(m["candidate"])} for m in ens.get("members", [])]
+        if ens.get("cv"):
+            h.append(cv_section(ens))
         h.append("<div class='row'>")
-        h.append(figure(trajectory, f"Out-of-fold {esc(ens.get('metric', metric))} after each greedy pick; the "
-                                    "star is the step the ensemble was cut back to.", "trajectory"))
+        h.append(figure(trajectory, f"In-sample out-of-fold {esc(ens.get('metric', metric))} after each greedy "
+                                    "pick (the weights are chosen on these same predictions, so it is optimistic); "
+                                    "the star is the step the ensemble was cut back to"
+                                    + ("; the dotted line is the cross-validated ensemble." if ens.get("cv") else "."),
+                        "trajectory"))
         h.append("<div><h3>Members</h3>" + table(mtab, left={"candidate"}) +
-                 "<h3>Out-of-fold scores</h3>" + table(score_rows, left={""}) +
-                 f"<p class='muted'>{'cross-fitted: every training image' if ens.get('full_coverage') else 'holdout fold only'}"
+                 "<h3>In-sample out-of-fold scores (optimistic)</h3>" + table(score_rows, left={""}) +
+                 "<p class='muted'>"
+                 + ("cross-fitted: every training image" if ens.get("full_coverage") else "holdout fold only")
+                 +
                  f"; {len(ens.get('candidates', []))} candidate(s), top {esc(ens.get('top', '?'))}, "
                  f"{esc(ens.get('steps', '?'))} steps.</p></div></div>")
     else:
@@ -831,9 +885,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from ensemble_builder.candidates import newest_experiment
         experiment = (storage.absolute(args.experiment) if args.experiment
-                      else newest_experiment(storage.absolute(args.runs)))
+                      else contract.newest(storage.absolute(args.runs)))
         written = build(experiment)
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,206 @@
+"""Cross-validated ensemble selection: an honest score for the blend, and the settings chosen by it.
+
+The greedy selector picks its weights on the same out-of-fold predictions it is
+then scored on, so its score is optimistic: with many candidates and few
+samples it fits their noise. Here each fold is held out in turn: the selection
+runs on the other folds' samples and its weights blend the held-out fold. The
+held-out blends, pooled over the folds, are scored once over every sample; the
+per-fold scores give the spread. The best single candidate and the uniform
+mean of the top K, both chosen on the other folds as well, are scored the same
+way, so the three are compared on equal terms.
+
+The same estimate picks the selection's greedy step count from a handful of
+values, and falls back to the best single candidate when no blend beats it.
+The chosen setting's score is the best of a few, so it keeps a small
+optimism of its own (nested cross-validation would remove it at K times the
+cost); the comparison with the best single candidate is the honest part.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+from sklearn.model_selection import KFold, StratifiedKFold
+
+from ensemble_builder.selection import EnsembleSelection
+from trainer.metrics import METRICS, mean_nll
+
+STEPS_GRID = (5, 10, 25, 50)   # greedy step counts tried when the user gives none
+RANDOM_SPLITS = 5              # folds drawn when the candidates cover the holdout fold only
+
+
+def metric_scores(y: np.ndarray, P: np.ndarray, names=tuple(METRICS)) -> dict:
+    """The named metrics of one blend; ROC AUC only when y holds two classes or more."""
+    return {name: float(METRICS[name][0](y, P)) for name in names
+            if name != "roc_auc" or len(np.unique(y)) > 1}
+
+
+def ranker(P: np.ndarray, y: np.ndarray, metric: str) -> Callable[[np.ndarray], np.ndarray]:
+    """``rank(samples)``: candidate indices, best first on those samples (see ``rank_candidates``).
+
+    The per-sample columns (true-class probabilities, argmax hits) are computed
+    once, so ranking on each fold's training samples costs a column mean.
+    """
+    fn, greater = METRICS[metric]
+    m, n, C = P.shape
+    p_true = np.take(P.reshape(m, -1), np.arange(n) * C + y, axis=1)   # (m, n), as the selector scores
+    hits = P.argmax(axis=2) == y if metric == "accuracy" else None
+
+    def rank(samples: np.ndarray) -> np.ndarray:
+        loss = mean_nll(p_true[:, samples])
+        if metric == "log_loss":
+            score = loss
+        elif metric == "accuracy":
+            score = hits[:, samples].mean(axis=1)
+        else:
+            score = np.array([fn(y[samples], p[samples]) for p in P])
+        return np.lexsort((np.arange(m), loss, -score if greater else score))
+    return rank
+
+
+def rank_candidates(P: np.ndarray, y: np.ndarray, metric: str) -> np.ndarray:
+    """Candidate indices, best first: by ``metric``, then lower log loss, then lower index.
+
+    The selector's own order, so the best single candidate here is its first pick.
+    """
+    return ranker(P, y, metric)(np.arange(len(y)))
+
+
+def random_folds(y: np.ndarray, splits: int = RANDOM_SPLITS, seed: int = 0) -> np.ndarray:
+    """A fold per sample from shuffled stratified splits (plain shuffled ones if no class has two samples)."""
+    k = min(splits, int(np.bincount(y).max()))
+    splitter = (StratifiedKFold(k, shuffle=True, random_state=seed) if k >= 2
+                else KFold(min(splits, len(y)), shuffle=True, random_state=seed))
+    folds = np.empty(len(y), np.int64)
+    with warnings.catch_warnings():  # classes smaller than k just miss some folds
+        warnings.simplefilter("ignore", UserWarning)
+        for f, (_, held) in enumerate(splitter.split(np.zeros(len(y)), y)):
+            folds[held] = f
+    return folds
+
+
+def prefix_weights(selector: EnsembleSelection, steps: int) -> np.ndarray:
+    """The weights ``selector`` would have with ``ensemble_size=steps`` (unbagged, ``steps >= n_init``).
+
+    A greedy pick never depends on later steps, so the shorter run's picks are
+    a prefix of the longer one's; it is cut back to its own best step.
+    """
+    picks, trajectory = selector.all_indices_[:steps], selector.trajectory_[:steps]
+    best = selector._best_step(trajectory)
+    return np.bincount(picks[:best + 1], minlength=len(selector.weights_)) / (best + 1)
+
+
+def blend(P: np.ndarray, weights: np.ndarray, samples: np.ndarray) -> np.ndarray:
+    """Weighted mean of the candidates' probabilities on some samples, (len(samples), C)."""
+    out = np.zeros((len(samples), P.shape[2]))
+    for i in np.flatnonzero(weights):   # a few members: cheaper than tensordot's float64 copy of them all
+        out += weights[i] * P[i, samples]
+    return out
+
+
+def spread(y: np.ndarray, pooled: np.ndarray, folds: np.ndarray, metric: str, names) -> dict:
+    """Pooled scores (the named metrics) and the task metric per fold, with their mean and std over folds."""
+    fn = METRICS[metric][0]
+    scores = metric_scores(y, pooled, names)
+    per_fold = [float(fn(y[folds == f], pooled[folds == f])) for f in np.unique(folds)]
+    return dict(scores=scores, folds=per_fold, mean=float(np.mean(per_fold)),
+                std=float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else 0.0)
+
+
+class SelectionCV:
+    """Cross-validated greedy ensemble selection, scikit-learn style.
+
+    ``steps`` are the greedy step counts tried, each with ``bags``; unbagged
+    ones all come from one run per fold (see ``prefix_weights``). With
+    ``fallback``, the best single candidate is a setting too, the simplest.
+    The setting with the best pooled cross-validated ``metric`` wins; ties go
+    to the lower pooled log loss, then to the simpler setting (the single
+    candidate, then unbagged before bagged, then fewer steps). ``n_init``,
+    ``max_members`` and ``random_state`` go to every ``EnsembleSelection`` as
+    given; ``top`` is K of the uniform top-K mean reported beside the others.
+
+    Fitted: ``settings_`` (dicts: steps, bags, name, pooled ``scores``, per-fold
+    ``folds``, their ``mean`` and ``std``), ``chosen_`` (its index there),
+    ``fallback_`` (the single candidate won over every blend), ``estimate_``
+    (predictor -> the same dict for ``ensemble`` (the chosen setting),
+    ``best_single`` and ``uniform_top{K}``), ``gain_`` and ``gain_folds_``
+    (ensemble over best single in ``metric``, positive when better), and
+    ``selector_``: the chosen setting refitted on every sample.
+    """
+
+    def __init__(self, metric: str = "accuracy", steps=STEPS_GRID, bags: int = 0, n_init: int = 1,
+                 max_members: int | None = None, top: int = 5, fallback: bool = True,
+                 random_state: int | None = 0):
+        self.metric = metric
+        self.steps = steps
+        self.bags = bags
+        self.n_init = n_init
+        self.max_members = max_members
+        self.top = top
+        self.fallback = fallback
+        self.random_state = random_state
+
+    def _selector(self, steps: int, bags: int) -> EnsembleSelection:
+        return EnsembleSelection(ensemble_size=steps, metric=self.metric, n_init=min(self.n_init, steps),
+                                 max_members=self.max_members, bags=bags, random_state=self.random_state)
+
+    def _settings(self) -> list[dict]:
+        """The settings tried, simplest first; one step unbagged is the best single candidate."""
+        pairs = ([(1, 0)] if self.fallback else []) + [(s, self.bags) for s in sorted(set(self.steps))]
+        return [dict(steps=s, bags=b, name="best single" if (s, b) == (1, 0) else
+                     f"{s} step{'s' * (s > 1)}" + (f", {b} bags" if b else ""))
+                for s, b in dict.fromkeys(pairs)]
+
+    def _fold_weights(self, P: np.ndarray, y: np.ndarray, settings: list[dict]) -> list[np.ndarray]:
+        """Each setting's weights, selected on these samples."""
+        unbagged = [s["steps"] for s in settings if not s["bags"]]
+        run = self._selector(max(unbagged), 0).fit(P, y) if unbagged else None
+        # A bag cuts back to its own best step, which the long run does not record: one fit each.
+        return [prefix_weights(run, s["steps"]) if not s["bags"] else
+                self._selector(s["steps"], s["bags"]).fit(P, y).weights_ for s in settings]
+
+    def _fold(self, P: np.ndarray, y: np.ndarray, train: np.ndarray, settings: list[dict], rank: Callable,
+              top: int) -> list[np.ndarray]:
+        """Every predictor's weights, chosen on the training samples only: the settings, best single, top K."""
+        Pt, yt = P.take(train, axis=1), y[train]   # take: C-contiguous, as the scorer wants
+        order = rank(train)
+        best_single = np.eye(len(P))[order[0]]
+        top_k = np.isin(np.arange(len(P)), order[:top]) / top
+        return self._fold_weights(Pt, yt, settings) + [best_single, top_k]
+
+    def fit(self, P: np.ndarray, y: np.ndarray, folds: np.ndarray) -> SelectionCV:
+        """Cross-validate on P (candidates, samples, classes), labels y and a fold per sample, then refit."""
+        P, y, folds = np.asarray(P), np.asarray(y), np.asarray(folds)
+        if folds.shape != y.shape or len(np.unique(folds)) < 2:
+            raise ValueError("need one fold per sample and at least two folds")
+        settings = self._settings()
+        if not settings:
+            raise ValueError("no setting to try: give steps, or fallback=True")
+        top = min(self.top, len(P))
+        pooled = np.zeros((len(settings) + 2,) + y.shape + P.shape[2:])  # settings, best single, top K
+        rank = ranker(P, y, self.metric)
+        for f in np.unique(folds):
+            held = np.flatnonzero(folds == f)
+            for i, w in enumerate(self._fold(P, y, np.flatnonzero(folds != f), settings, rank, top)):
+                pooled[i, held] = blend(P, w, held)
+
+        for i, s in enumerate(settings):
+            s.update(spread(y, pooled[i], folds, self.metric, dict.fromkeys((self.metric, "log_loss"))))
+        sign = 1.0 if METRICS[self.metric][1] else -1.0
+        self.chosen_ = min(range(len(settings)), key=lambda i: (
+            -sign * settings[i]["scores"][self.metric], settings[i]["scores"]["log_loss"],
+            settings[i]["bags"] > 0, settings[i]["steps"]))
+        self.settings_ = settings
+        chosen = settings[self.chosen_]
+        self.fallback_ = self.fallback and (chosen["steps"], chosen["bags"]) == (1, 0) and len(settings) > 1
+        # ROC AUC (one sklearn call per class) only when it is the objective: it costs more than a selection
+        names = [n for n in METRICS if n != "roc_auc" or n == self.metric]
+        self.estimate_ = {name: spread(y, pooled[i], folds, self.metric, names) for name, i in
+                          (("ensemble", self.chosen_), ("best_single", -2), (f"uniform_top{top}", -1))}
+        ens, single = self.estimate_["ensemble"], self.estimate_["best_single"]
+        self.gain_ = sign * (ens["scores"][self.metric] - single["scores"][self.metric])
+        self.gain_folds_ = [sign * (a - b) for a, b in zip(ens["folds"], single["folds"], strict=True)]
+        self.folds_ = folds
+        self.selector_ = self._selector(chosen["steps"], chosen["bags"]).fit(P, y)
+        return self

@@ -1,0 +1,260 @@
+"""Cross-validated ensemble selection: honest scores, the settings and fallback they choose, and the CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from ensemble_builder.__main__ import main
+from ensemble_builder.crossval import SelectionCV, prefix_weights, random_folds, rank_candidates
+from ensemble_builder.selection import EnsembleSelection
+from trainer.experiment import probs_table
+from trainer.metrics import METRICS, accuracy, log_loss
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def independent(m=6, n=400, C=4, quality=1.0, seed=0):
+    """Candidates of equal quality whose errors are independent: averaging them helps."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, C, n)
+    return softmax(quality * np.eye(C)[y] + rng.normal(size=(m, n, C))), y
+
+
+def one_strong(m=15, n=120, C=3, seed=0):
+    """Candidate 3 picks the true class with chance 0.8 (0.45 on its pick); the others are random probabilities."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, C, n)
+    pick = np.where(rng.random(n) < 0.8, y, (y + 1) % C)
+    strong = np.full((n, C), 0.275)
+    strong[np.arange(n), pick] = 0.45
+    noise = rng.dirichlet(np.ones(C), size=(m - 1, n))
+    return np.concatenate([noise[:3], strong[None], noise[3:]]).astype(np.float32), y
+
+
+# --- the pieces ----------------------------------------------------------------
+
+@pytest.mark.parametrize("metric", ["accuracy", "log_loss"])
+def test_prefix_weights_equal_a_fit_with_fewer_steps(metric):
+    P, y = independent(m=12, n=200, quality=0.6)
+    for n_init, max_members in ((1, None), (3, 4), (0, None)):
+        long = EnsembleSelection(40, metric, n_init=n_init, max_members=max_members).fit(P, y)
+        for steps in sorted({max(n_init, 1), 3, 7, 20, 40}):
+            short = EnsembleSelection(steps, metric, n_init=n_init, max_members=max_members).fit(P, y)
+            assert np.array_equal(prefix_weights(long, steps), short.weights_), (n_init, max_members, steps)
+
+
+def test_rank_is_the_selectors_order():
+    P, y = independent(m=10, n=150)
+    P[7] = P[2]   # an exact tie: the lower index first
+    for metric in ("accuracy", "log_loss", "f1_macro"):
+        rank = rank_candidates(P, y, metric)
+        assert rank[0] == EnsembleSelection(1, metric).fit(P, y).indices_[0]
+        fn, greater = METRICS[metric]
+        scores = [fn(y, P[i]) for i in rank]
+        assert scores == sorted(scores, reverse=greater)
+        assert list(rank).index(2) < list(rank).index(7)
+
+
+def test_random_folds_are_stratified_and_cover_every_sample():
+    y = np.repeat([0, 1, 2], [50, 30, 7])
+    folds = random_folds(y, 5, seed=1)
+    assert sorted(np.unique(folds)) == [0, 1, 2, 3, 4]
+    for c in range(3):
+        counts = np.bincount(folds[y == c], minlength=5)
+        assert counts.max() - counts.min() <= 1
+    assert len(np.unique(random_folds(np.array([0, 1, 2]), 5))) == 3   # one image per class: still splits
+
+
+def test_held_out_scores_are_pooled_over_folds():
+    P, y = independent(m=8, n=300, seed=3)
+    folds = np.arange(300) % 3
+    cv = SelectionCV("accuracy", top=3).fit(P, y, folds)
+    # best single, by hand: chosen on the other folds, scored on the held-out one
+    pooled = np.empty((300, 4), np.float32)
+    for f in range(3):
+        held = folds == f
+        pooled[held] = P[rank_candidates(P[:, ~held], y[~held], "accuracy")[0], held]
+    single = cv.estimate_["best_single"]
+    assert single["scores"]["accuracy"] == accuracy(y, pooled)
+    assert single["scores"]["log_loss"] == pytest.approx(log_loss(y, pooled))
+    assert single["folds"] == [accuracy(y[folds == f], pooled[folds == f]) for f in range(3)]
+    assert single["mean"] == pytest.approx(single["scores"]["accuracy"])   # equal folds: the mean is the pool
+    assert single["std"] == pytest.approx(np.std(single["folds"], ddof=1))
+    # the best-single setting of the grid is the same predictor
+    assert cv.settings_[0]["name"] == "best single" and cv.settings_[0]["folds"] == single["folds"]
+    assert set(cv.estimate_) == {"ensemble", "best_single", "uniform_top3"}
+
+
+# --- what the estimate says --------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(4))
+def test_overfitting_selection_gains_less_under_cross_validation(seed):
+    # 40 barely informative candidates, 40 images: greedy selection fits the noise in-sample.
+    rng = np.random.default_rng(seed)
+    y = np.arange(40) % 2
+    P = softmax(0.4 * np.eye(2)[y] + rng.normal(size=(40, 40, 2)))
+    cv = SelectionCV("accuracy", steps=(50,), fallback=False).fit(P, y, np.arange(40) % 4)
+    in_sample = accuracy(y, cv.selector_.predict_proba(P))
+    in_sample_gain = in_sample - max(accuracy(y, p) for p in P)
+    assert in_sample_gain >= 0.15
+    assert cv.gain_ < in_sample_gain - 0.05
+    assert cv.estimate_["ensemble"]["scores"]["accuracy"] < in_sample - 0.15
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_falls_back_to_the_single_model_when_no_blend_helps(seed):
+    P, y = one_strong(seed=seed)
+    cv = SelectionCV("accuracy", max_members=5).fit(P, y, np.arange(len(y)) % 5)
+    assert cv.fallback_ and cv.settings_[cv.chosen_]["name"] == "best single"
+    assert np.array_equal(cv.selector_.weights_, np.eye(len(P))[3])
+    assert cv.estimate_["ensemble"] == cv.estimate_["best_single"] and cv.gain_ == 0
+    blends = [s["scores"]["accuracy"] for s in cv.settings_[1:]]
+    assert max(blends) <= cv.settings_[0]["scores"]["accuracy"]
+
+
+def test_complementary_candidates_gain_under_cross_validation():
+    P, y = independent()
+    cv = SelectionCV("accuracy", max_members=5).fit(P, y, np.arange(len(y)) % 5)
+    assert not cv.fallback_ and cv.settings_[cv.chosen_]["steps"] in (5, 10, 25, 50)
+    assert cv.gain_ > 0.15 and min(cv.gain_folds_) > 0
+    assert len(np.flatnonzero(cv.selector_.weights_)) > 1
+    chosen = cv.settings_[cv.chosen_]["scores"]["accuracy"]
+    assert all(s["scores"]["accuracy"] <= chosen for s in cv.settings_)
+
+
+def test_ties_go_to_the_simpler_setting():
+    P, y = independent(m=1)
+    cv = SelectionCV("accuracy").fit(np.repeat(P, 4, axis=0), y, np.arange(len(y)) % 5)  # copies: all blends equal
+    assert cv.chosen_ == 0 and cv.fallback_
+    cv = SelectionCV("accuracy", fallback=False).fit(np.repeat(P, 4, axis=0), y, np.arange(len(y)) % 5)
+    assert cv.settings_[cv.chosen_]["steps"] == 5 and not cv.fallback_
+
+
+def test_bagged_settings_are_fitted_as_given():
+    P, y = independent(m=8, n=200)
+    folds = np.arange(200) % 4
+    cv = SelectionCV("log_loss", steps=(5, 20), bags=3, random_state=1).fit(P, y, folds)
+    assert [s["name"] for s in cv.settings_] == ["best single", "5 steps, 3 bags", "20 steps, 3 bags"]
+    chosen = cv.settings_[cv.chosen_]
+    expect = EnsembleSelection(chosen["steps"], "log_loss", bags=chosen["bags"], random_state=1).fit(P, y)
+    assert np.array_equal(cv.selector_.weights_, expect.weights_)
+
+
+# --- the CLI -------------------------------------------------------------------------
+
+def write_experiment(root, P: np.ndarray, y: np.ndarray, folds: np.ndarray, covered=None, metric="accuracy"):
+    """An experiment folder as the search writes it: experiment.json, folds.parquet, candidates/*/oof.parquet."""
+    root.mkdir(parents=True)
+    ids = [f"img{i:04d}.png" for i in range(len(y))]
+    names = [f"class{c}" for c in range(P.shape[2])]
+    (root / "experiment.json").write_text(json.dumps({"task": "handmade", "metric": metric, "class_names": names}))
+    pd.DataFrame({"sample_id": ids, "path": ids, "label": y, "fold": folds}).to_parquet(root / "folds.parquet")
+    rows = np.arange(len(y)) if covered is None else np.flatnonzero(covered)
+    for i, p in enumerate(P):
+        (root / "candidates" / f"c{i}").mkdir(parents=True)
+        pq.write_table(probs_table([ids[r] for r in rows], p[rows]), root / "candidates" / f"c{i}" / "oof.parquet")
+    return root
+
+
+def test_select_prints_the_estimate_first_and_writes_both(tmp_path, capsys):
+    P, y = independent(m=6, n=300)
+    exp = write_experiment(tmp_path / "exp", P, y, np.arange(300) % 5)
+    assert main(["select", "--experiment", str(exp)]) == 0
+    out = capsys.readouterr().out
+    head = out.index("cross-validated accuracy (the experiment's 5 folds")
+    assert head < out.index("members:") < out.index("in-sample out-of-fold scores, optimistic")
+    assert "CV gain over the best single candidate: +" in out and "chose " in out
+    assert "in-sample gain over the best single candidate" in out
+
+    report = json.loads((exp / "ensemble" / "ensemble.json").read_text())
+    assert set(report["scores"]) == {"ensemble", "best_single", "uniform_top5"}   # in-sample, as before
+    cv = report["cv"]
+    assert set(cv["estimate"]) == set(report["scores"]) and cv["splits"] == "experiment folds"
+    assert cv["fold_sizes"] == [60] * 5 and cv["fallback"] is False and cv["auto"] is True
+    assert [s["name"] for s in cv["settings"]] == ["best single", "5 steps", "10 steps", "25 steps", "50 steps"]
+    assert report["steps"] == cv["chosen"]["steps"] and report["bags"] == 0
+    assert len(cv["estimate"]["ensemble"]["folds"]) == 5 and cv["gain"] > 0
+    assert sum(m["weight"] for m in report["members"]) == pytest.approx(1.0)
+
+
+def test_select_falls_back_and_says_so(tmp_path, capsys):
+    P, y = one_strong()
+    exp = write_experiment(tmp_path / "exp", P, y, np.arange(len(y)) % 5)
+    assert main(["select", "--experiment", str(exp)]) == 0
+    out = capsys.readouterr().out
+    assert "ensemble (= best single)" in out
+    assert "fell back to the best single candidate (c3): no blend beat it under cross-validation" in out
+    report = json.loads((exp / "ensemble" / "ensemble.json").read_text())
+    assert report["cv"]["fallback"] is True and report["members"] == [{"candidate": "c3", "weight": 1.0}]
+
+    # --no-auto: the flags as given, no fallback; the estimate is still the headline
+    assert main(["select", "--experiment", str(exp), "--no-auto", "--steps", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "settings as given (--no-auto): 20 steps" in out and "cross-validated accuracy" in out
+    report = json.loads((exp / "ensemble" / "ensemble.json").read_text())
+    assert report["cv"]["fallback"] is False and report["steps"] == 20
+    assert [s["name"] for s in report["cv"]["settings"]] == ["20 steps"]
+
+
+def test_select_given_steps_are_kept(tmp_path, capsys):
+    P, y = independent(m=5, n=200)
+    exp = write_experiment(tmp_path / "exp", P, y, np.arange(200) % 4)
+    assert main(["select", "--experiment", str(exp), "--steps", "7", "--bags", "2", "--metric", "log_loss"]) == 0
+    out = capsys.readouterr().out
+    assert "chose 7 steps, 2 bags (--steps)" in out and "(a reduction: lower is better)" in out
+    report = json.loads((exp / "ensemble" / "ensemble.json").read_text())
+    assert [s["name"] for s in report["cv"]["settings"]] == ["best single", "7 steps, 2 bags"]
+    assert (report["steps"], report["bags"], report["metric"]) == (7, 2, "log_loss")
+
+
+def test_holdout_only_candidates_use_random_stratified_splits(tmp_path, capsys):
+    P, y = independent(m=5, n=250)
+    folds = np.arange(250) % 5
+    exp = write_experiment(tmp_path / "exp", P, y, folds, covered=folds == 0)
+    assert main(["select", "--experiment", str(exp), "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "holdout fold only" in out
+    assert "5 random stratified splits of these 50 images (the candidates cover one fold only)" in out
+    cv = json.loads((exp / "ensemble" / "ensemble.json").read_text())["cv"]
+    assert cv["splits"] == "random stratified" and sum(cv["fold_sizes"]) == 50
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--bags", "-1"], "--bags -1: must be at least 0"),
+    (["--init", "-1"], "--init -1: must be at least 0"),
+    (["--seed", "-3"], "--seed -3: must be at least 0"),
+    (["--top", "0"], "--top 0: must be at least 1"),
+    (["--init", "4", "--steps", "3"], "--init 4: more than the 3 greedy steps"),
+])
+def test_out_of_range_numbers_are_one_line_and_exit_2(tmp_path, capsys, flags, words):
+    P, y = independent(m=5, n=100)
+    exp = write_experiment(tmp_path / "exp", P, y, np.arange(100) % 5)
+    assert main(["select", "--experiment", str(exp)] + flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {words}") and len(err.strip().splitlines()) == 1
+    assert not (exp / "ensemble").exists()
+
+
+def test_report_shows_the_estimate_as_the_headline(tmp_path, capsys):
+    from searchspace.report import cv_score, cv_section, fig_trajectory
+
+    P, y = independent(m=6, n=300)
+    exp = write_experiment(tmp_path / "exp", P, y, np.arange(300) % 5)
+    assert main(["select", "--experiment", str(exp)]) == 0
+    ens = json.loads((exp / "ensemble" / "ensemble.json").read_text())
+    est = ens["cv"]["estimate"]["ensemble"]
+    assert cv_score(ens, "ensemble") == (est["scores"]["accuracy"], est["std"])
+    html = cv_section(ens)
+    assert html.startswith("<h3>Cross-validated scores</h3>") and "the experiment's 5 folds" in html
+    assert f"Chosen: {ens['cv']['chosen']['name']}." in html and html.count("class='best'") == 1
+    assert fig_trajectory(ens).startswith(b"\x89PNG")
+    del ens["cv"]   # an ensemble.json from before: no estimate, nothing claimed
+    assert cv_score(ens, "ensemble") is None and fig_trajectory(ens).startswith(b"\x89PNG")

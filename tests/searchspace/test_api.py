@@ -1,9 +1,11 @@
-"""The notebook API: searchspace.search() as the README shows it, on a tiny imagefolder dataset."""
+"""The notebook API as the README shows it: searchspace.search(), ensemble_builder.select() and .predict(),
+on a tiny imagefolder dataset."""
 from __future__ import annotations
 
 import pytest
-from conftest import make_imagefolder
+from helpers import make_imagefolder
 
+import ensemble_builder
 import searchspace
 from trainer.errors import BadInput
 from trainer.experiment import Experiment, probs_array
@@ -22,6 +24,12 @@ def test_the_readme_notebook_example_runs(tmp_path, ray_session):
     assert sum(c.startswith("cv-") for c in cids) == 2
     oof = exp.candidate([c for c in cids if c.startswith("cv-")][0]).oof()
     assert probs_array(oof).shape == (18, 3)
+    sel = ensemble_builder.select(exp.location, top=2)
+    assert sel.experiment == exp.location and sel.members and sel.cv_gain == exp.ensemble()["cv"]["gain"]
+    assert set(sel.estimate) == {"ensemble", "best_single", "uniform_top2"}
+    preds = ensemble_builder.predict(exp.location, str(data / "test"))
+    assert list(preds.columns[:2]) == ["image", "label"] and len(preds) == 3
+    assert set(preds["label"]) <= {"class_a", "class_b", "class_c"}
     meta = exp.meta()
     assert meta["budget"]["trials"] == 3
     assert meta["options"]["archs"] == {"test_resnet": [16], "test_efficientnet": [16]}

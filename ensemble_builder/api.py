@@ -1,0 +1,218 @@
+"""The Python API under ``python -m ensemble_builder``, for notebooks.
+
+```python
+import ensemble_builder
+sel = ensemble_builder.select(exp.location, top=5)     # fits, writes ensemble.json (+ submission.csv)
+sel.cv_gain, sel.estimate["ensemble"]["scores"]          # the honest, cross-validated figures
+preds = ensemble_builder.predict(exp.location, "/kaggle/input/test_images")   # a DataFrame
+```
+
+``select`` is numpy only; ``predict`` loads torch and timm when it runs.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ensemble_builder import candidates as cands
+from ensemble_builder.crossval import STEPS_GRID, SelectionCV, metric_scores, random_folds, rank_candidates
+from trainer import storage
+from trainer.errors import BadInput
+from trainer.experiment import DEFAULT_RUNS, Experiment
+
+DEFAULT_STEPS = 50   # with auto=False and no steps
+
+
+@dataclass
+class Selection:
+    """A fitted selection: the members and weights, the in-sample scores and the cross-validated estimate."""
+
+    experiment: str
+    metric: str
+    candidates: cands.Candidates
+    top: int
+    cv: SelectionCV
+    how: str                            # which splits the estimate used, in words
+    splits: str                         # "experiment folds" | "random stratified"
+    folds: np.ndarray
+    cv_seconds: float
+    best: int                           # index of the best single candidate (by OOF score)
+    scores: dict                        # in-sample: ensemble, best_single, uniform_topK -> metric -> value
+    members: list[tuple[str, float]] = field(default_factory=list)
+    test: tuple[list[str], np.ndarray] | None = None
+
+    @property
+    def selector(self):
+        return self.cv.selector_
+
+    @property
+    def chosen(self) -> dict:
+        return self.cv.settings_[self.cv.chosen_]
+
+    @property
+    def estimate(self) -> dict:
+        return self.cv.estimate_
+
+    @property
+    def cv_gain(self) -> float:
+        return self.cv.gain_
+
+    @property
+    def best_single(self) -> str:
+        return self.candidates.ids[self.best]
+
+    def blend(self) -> np.ndarray:
+        """The ensemble's in-sample out-of-fold probabilities."""
+        return self.selector.predict_proba(self.candidates.P)
+
+    def submission(self) -> pd.DataFrame | None:
+        if self.test is None:
+            return None
+        meta, names = self.candidates.meta, self.candidates.meta["class_names"]
+        test_ids, T = self.test
+        weights = np.array([w for _, w in self.members], np.float32)
+        labels = np.tensordot(weights, T, axes=1).argmax(1)
+        return pd.DataFrame({meta.get("id_column", "image_id"): test_ids,
+                             meta.get("label_column", "label"): [names[i] for i in labels]})
+
+    def record(self, auto: bool) -> dict:
+        """ensemble.json."""
+        c, chosen, sel = self.candidates, self.chosen, self.selector
+        return dict(experiment=self.experiment, metric=self.metric, full_coverage=c.full_coverage,
+                    members=[dict(candidate=cid, weight=w) for cid, w in self.members],
+                    scores=self.scores, trajectory=sel.trajectory_, best_step=sel.best_step_,
+                    picks=[c.ids[i] for i in sel.indices_], candidates=c.ids, top=self.top, steps=chosen["steps"],
+                    bags=chosen["bags"], best_single=self.best_single,
+                    cv=dict(splits=self.splits, fold_sizes=np.unique(self.folds, return_counts=True)[1].tolist(),
+                            estimate=self.estimate, gain=self.cv_gain, gain_folds=self.cv.gain_folds_,
+                            chosen={k: chosen[k] for k in ("name", "steps", "bags")}, settings=self.cv.settings_,
+                            fallback=self.cv.fallback_, auto=auto, seconds=self.cv_seconds))
+
+
+def check_numbers(top: int, steps: int | None, init: int, bags: int, seed: int) -> None:
+    """Out-of-range numbers are bad input, caught before anything is read."""
+    for flag, value, low, meaning in (("--top", top, 1, "the most distinct members to keep"),
+                                      ("--steps", steps, 1, "greedy picks"),
+                                      ("--init", init, 0, "how many best candidates start the ensemble"),
+                                      ("--bags", bags, 0, "random halves to bag over; 0 is off"),
+                                      ("--seed", seed, 0, "a random seed")):
+        if value is not None and value < low:
+            raise BadInput(f"{flag} {value}: must be at least {low} ({meaning})")
+
+
+def fit(experiment: str | None = None, top: int = 5, metric: str | None = None, steps: int | None = None,
+        init: int = 1, bags: int = 0, seed: int = 0, auto: bool = True, runs: str = DEFAULT_RUNS) -> Selection:
+    """Select an ensemble (cross-validated settings unless ``auto=False``); writes nothing."""
+    check_numbers(top, steps, init, bags, seed)
+    experiment = storage.absolute(experiment) if experiment else cands.newest_experiment(storage.absolute(runs))
+    c = cands.load(experiment)
+    metric = metric or c.meta["metric"]
+    top = min(top, len(c.ids))
+    n_init = min(init, top)
+    # The greedy step count is chosen by cross-validation unless given (or auto=False).
+    grid = [steps or DEFAULT_STEPS] if steps or not auto else [s for s in STEPS_GRID if s >= n_init]
+    if not grid or n_init > max(grid):
+        raise BadInput(f"--init {init}: more than the {max(grid or STEPS_GRID)} greedy steps; "
+                       "lower --init or raise --steps")
+
+    # Each fold's samples are held out in turn; candidates that cover the holdout
+    # fold only have one fold, so random stratified splits of it stand in.
+    if len(np.unique(c.folds)) > 1:
+        folds, splits, how = c.folds, "experiment folds", f"the experiment's {len(np.unique(c.folds))} folds"
+    elif len(c.y) > 1:
+        folds, splits = random_folds(c.y, seed=seed), "random stratified"
+        how = (f"{len(np.unique(folds))} random stratified splits of these {len(c.y)} images "
+               "(the candidates cover one fold only)")
+    else:
+        raise BadInput(f"{experiment}: predictions for only one training image; nothing to select on")
+    t0 = time.perf_counter()
+    cv = SelectionCV(metric, steps=grid, bags=bags, n_init=n_init, max_members=top, top=top,
+                     fallback=auto, random_state=seed).fit(c.P, c.y, folds)
+    cv_seconds = time.perf_counter() - t0
+
+    ranked = rank_candidates(c.P, c.y, metric)
+    best = int(ranked[0])
+    selector = cv.selector_
+    scores = {"ensemble": metric_scores(c.y, selector.predict_proba(c.P)),
+              "best_single": metric_scores(c.y, c.P[best]),
+              f"uniform_top{top}": metric_scores(c.y, c.P[ranked[:top]].mean(axis=0))}
+    members = [(c.ids[i], float(selector.weights_[i])) for i in np.argsort(-selector.weights_)
+               if selector.weights_[i] > 0]
+    return Selection(experiment, metric, c, top, cv, how, splits, folds, cv_seconds, best, scores, members,
+                     cands.test_matrix(c, [cid for cid, _ in members]))
+
+
+def write(sel: Selection, auto: bool = True) -> tuple[str, str | None]:
+    """ensemble/ensemble.json and, when every member has test predictions, ensemble/submission.csv."""
+    exp = Experiment(sel.experiment)
+    record = sel.record(auto)
+    sub = sel.submission()
+    if sub is not None:
+        record["submission"] = exp.ensemble_file("submission.csv")
+        storage.write_bytes(record["submission"], sub.to_csv(index=False).encode())
+    storage.write_json(exp.ensemble_file(), record)
+    return exp.ensemble_file(), record.get("submission")
+
+
+def select(experiment: str | None = None, top: int = 5, **options) -> Selection:
+    """Fit the selection and write ensemble.json (and submission.csv); returns the fitted selection.
+
+    Options as ``fit``'s: ``metric``, ``steps``, ``init``, ``bags``, ``seed``, ``auto``, ``runs``.
+    """
+    sel = fit(experiment, top, **options)
+    write(sel, options.get("auto", True))
+    return sel
+
+
+def predict(experiment: str, images: str, tta: bool = True, cache_dir: str | None = None) -> pd.DataFrame:
+    """The ensemble's members (every fold model) on a folder of images: image, label, p_<class>..."""
+    from trainer.cache import cached_images, default_cache_dir, fingerprint
+    from trainer.images import IMAGE_SUFFIXES, scan
+    from trainer.inference import load_model, predict_probs
+
+    exp = Experiment(storage.absolute(experiment))
+    if not exp.has_ensemble():
+        raise BadInput(f"{exp.location}: no ensemble/ensemble.json; run `python -m ensemble_builder select` first")
+    meta = exp.meta()
+    members = []
+    for m in exp.ensemble()["members"]:
+        folds = exp.candidate(m["candidate"]).members()["members"]
+        for fm in folds:
+            for f in ("config.json", "model.pt"):
+                if not storage.exists(storage.join(fm["checkpoint"], f)):
+                    raise BadInput(f"{storage.join(fm['checkpoint'], f)}: member checkpoint missing "
+                                   f"(candidate {m['candidate']}, fold {fm.get('fold')}); "
+                                   "re-run the cross-fit or select again")
+        members.append((m["weight"], [fm["checkpoint"] for fm in folds]))
+
+    images = storage.absolute(images)
+    if not storage.is_dir(images):
+        raise BadInput(f"{images}: folder not found; check --images")
+    files = [f for f, _ in storage.list_files(images) if f.lower().endswith(IMAGE_SUFFIXES)]
+    if not files:
+        raise BadInput(f"{images}: no image files found; give a folder of .jpg/.png images")
+    paths = [storage.join(images, f) for f in files]
+    cache_dir = cache_dir or default_cache_dir()
+    sizes, bad = scan(paths, cache_dir=cache_dir)
+    if bad:
+        raise BadInput(f"{len(bad)} unreadable image(s), first {next(iter(bad))}: {next(iter(bad.values()))}; "
+                       "remove them and predict again")
+    key = fingerprint(paths, sizes)
+    names = meta["class_names"]
+    tta = meta.get("context", {}).get("tta", True) and tta   # the task's choice, e.g. none for digits
+    blend = np.zeros((len(paths), len(names)), np.float32)
+    for weight, checkpoints in members:
+        fold_probs = []
+        for ckpt in checkpoints:
+            model, config = load_model(ckpt)
+            pixels = cached_images(paths, key, config["image_size"], config.get("resize_mode", "squish"), cache_dir)
+            fold_probs.append(predict_probs(model, pixels, tta=tta))
+        blend += weight * np.mean(fold_probs, axis=0)
+    out = pd.DataFrame({"image": files, "label": [names[i] for i in blend.argmax(1)]})
+    for j, name in enumerate(names):
+        out[f"p_{name}"] = blend[:, j]
+    out.attrs["models"] = sum(len(c) for _, c in members)
+    return out

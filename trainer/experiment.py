@@ -94,13 +94,27 @@ def ranked(trials: pd.DataFrame, mode: str) -> pd.DataFrame:
 
 
 @dataclass(frozen=True)
-class Checkpoint:
-    """A folder holding one model: a Ray checkpoint of the search, or a cross-fit fold record."""
+class Folder:
+    """A folder of the experiment: its files by name, and the test predictions that several kinds hold."""
 
     location: str
 
     def file(self, name: str) -> str:
         return storage.join(self.location, name)
+
+    def has(self, name: str) -> bool:
+        return storage.exists(self.file(name))
+
+    def has_test(self) -> bool:
+        return self.has("test.parquet")
+
+    def test(self) -> pa.Table:
+        return storage.read_parquet(self.file("test.parquet"))
+
+
+@dataclass(frozen=True)
+class Checkpoint(Folder):
+    """A folder holding one model: a Ray checkpoint of the search, or a cross-fit fold record."""
 
     @property
     def model(self) -> str:
@@ -118,16 +132,10 @@ class Fold(Checkpoint):
     """candidates/<cid>/folds/<k>/: a cross-fit fold's model and predictions; done.json marks it finished."""
 
     def done(self) -> bool:
-        return storage.exists(self.file("done.json"))
+        return self.has("done.json")
 
     def record(self) -> dict:
         return storage.read_json(self.file("done.json"))
-
-    def test(self) -> pa.Table:
-        return storage.read_parquet(self.file("test.parquet"))
-
-    def has_test(self) -> bool:
-        return storage.exists(self.file("test.parquet"))
 
     def write(self, hold: pa.Table, test: pa.Table | None, record: dict,
               model: bytes | None = None, config: dict | None = None) -> None:
@@ -142,29 +150,19 @@ class Fold(Checkpoint):
 
 
 @dataclass(frozen=True)
-class Candidate:
+class Candidate(Folder):
     """candidates/<cid>/: out-of-fold (or holdout) predictions, test predictions, members and config."""
 
-    location: str
-    cid: str
-
-    def file(self, name: str) -> str:
-        return storage.join(self.location, name)
+    cid: str = ""
 
     def exists(self) -> bool:
-        return storage.exists(self.file("members.json"))
+        return self.has("members.json")
 
     def has_oof(self) -> bool:
-        return storage.exists(self.file("oof.parquet"))
+        return self.has("oof.parquet")
 
     def oof(self) -> pa.Table:
         return storage.read_parquet(self.file("oof.parquet"))
-
-    def has_test(self) -> bool:
-        return storage.exists(self.file("test.parquet"))
-
-    def test(self) -> pa.Table:
-        return storage.read_parquet(self.file("test.parquet"))
 
     def members(self) -> dict:
         return storage.read_json(self.file("members.json"))

@@ -48,6 +48,17 @@ def suggest_optimiser(trial, pretrained: bool, batch_sizes: list[int],
     return {"lr": lr}
 
 
+def suggest_recipe(trial, archs: dict[str, list[int]], pretrained: dict[str, bool] | None,
+                   search_pretrained: bool, batch_sizes: list[int] = (32, 64), **augmentation) -> dict:
+    """Model, optimiser, loss and augmentation in one define-by-run pass; ``augmentation`` are the
+    task's choices for ``suggest_augmentation``. Returns the constants for the config."""
+    constants = suggest_model(trial, archs, pretrained, search_pretrained)
+    constants.update(suggest_optimiser(trial, constants["pretrained"], batch_sizes=list(batch_sizes)))
+    suggest_loss(trial)
+    suggest_augmentation(trial, **augmentation)
+    return constants
+
+
 def suggest_loss(trial) -> None:
     # weight_c = (1 / freq_c) ** power: 0 is unweighted, 1 fully balanced.
     trial.suggest_float("class_weight_power", 0.0, 1.0)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pandas as pd
 
 from searchspace.data import Dataset, folder_classes, image_files, match_ids, read_csv, require_dir
-from searchspace.tasks._space import BASE_RECIPE, suggest_augmentation, suggest_loss, suggest_model, suggest_optimiser
+from searchspace.tasks._space import BASE_RECIPE, suggest_recipe
 from trainer import storage
 from trainer.errors import BadInput
 
@@ -50,12 +50,8 @@ PORTFOLIO = [
 
 def define_search_space(trial, archs: dict[str, list[int]] = ARCHS, pretrained: dict[str, bool] | None = None,
                         search_pretrained: bool = False) -> dict:
-    constants = suggest_model(trial, archs, pretrained, search_pretrained)
-    constants.update(suggest_optimiser(trial, constants["pretrained"], batch_sizes=[32, 64]))
-    suggest_loss(trial)
     # Faces are upright and left-right symmetric: no vertical flips.
-    suggest_augmentation(trial, rotate_max=10.0, vflip=False)
-    return constants
+    return suggest_recipe(trial, archs, pretrained, search_pretrained, rotate_max=10.0, vflip=False)
 
 
 def load(data: str) -> Dataset:

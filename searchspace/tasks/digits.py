@@ -18,7 +18,7 @@ from sklearn.model_selection import train_test_split
 
 from searchspace.data import Dataset
 from searchspace.tasks import paddy
-from searchspace.tasks._space import BASE_RECIPE, suggest_augmentation, suggest_loss, suggest_model, suggest_optimiser
+from searchspace.tasks._space import BASE_RECIPE, suggest_recipe
 
 METRIC = "accuracy"
 BUDGET = dict(trials=16, max_epochs=9, grace_period=1, reduction_factor=4, folds=5, crossfit_top=4)
@@ -41,12 +41,9 @@ PORTFOLIO = []
 
 def define_search_space(trial, archs: dict[str, list[int]] = ARCHS, pretrained: dict[str, bool] | None = None,
                         search_pretrained: bool = False) -> dict:
-    constants = suggest_model(trial, archs, pretrained, search_pretrained)
-    constants.update(suggest_optimiser(trial, constants["pretrained"], batch_sizes=[32, 64]))
-    suggest_loss(trial)
     # Digits are not mirror-symmetric: no flips.
-    suggest_augmentation(trial, rotate_max=15.0, jpeg=False, hflip=False, vflip=False)
-    return constants
+    return suggest_recipe(trial, archs, pretrained, search_pretrained, rotate_max=15.0, jpeg=False, hflip=False,
+                          vflip=False)
 
 
 def default_data(cache_dir: str) -> str:

@@ -5,7 +5,7 @@ An optional DIR/test/ folder (flat) holds unlabelled test images.
 from __future__ import annotations
 
 from searchspace.data import Dataset, flat_test, folder_classes, image_files, require_dir
-from searchspace.tasks._space import BASE_RECIPE, suggest_augmentation, suggest_loss, suggest_model, suggest_optimiser
+from searchspace.tasks._space import BASE_RECIPE, suggest_recipe
 from trainer import storage
 
 METRIC = "accuracy"
@@ -30,11 +30,7 @@ PORTFOLIO = [
 
 def define_search_space(trial, archs: dict[str, list[int]] = ARCHS, pretrained: dict[str, bool] | None = None,
                         search_pretrained: bool = False) -> dict:
-    constants = suggest_model(trial, archs, pretrained, search_pretrained)
-    constants.update(suggest_optimiser(trial, constants["pretrained"], batch_sizes=[32, 64]))
-    suggest_loss(trial)
-    suggest_augmentation(trial)
-    return constants
+    return suggest_recipe(trial, archs, pretrained, search_pretrained)
 
 
 def load(data: str) -> Dataset:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pandas as pd
 
 from searchspace.data import Dataset, flat_test, image_files, match_ids, read_csv, require_dir, safe_relative
-from searchspace.tasks._space import BASE_RECIPE, suggest_augmentation, suggest_loss, suggest_model, suggest_optimiser
+from searchspace.tasks._space import BASE_RECIPE, suggest_recipe
 from trainer import storage
 
 METRIC = "accuracy"
@@ -42,11 +42,7 @@ PORTFOLIO = [
 
 def define_search_space(trial, archs: dict[str, list[int]] = ARCHS, pretrained: dict[str, bool] | None = None,
                         search_pretrained: bool = False) -> dict:
-    constants = suggest_model(trial, archs, pretrained, search_pretrained)
-    constants.update(suggest_optimiser(trial, constants["pretrained"], batch_sizes=[32, 64]))
-    suggest_loss(trial)
-    suggest_augmentation(trial, rotate_max=20.0)
-    return constants
+    return suggest_recipe(trial, archs, pretrained, search_pretrained, rotate_max=20.0)
 
 
 def load(data: str) -> Dataset:

@@ -51,7 +51,7 @@ def measure(location: str) -> dict:
     ens = exp.ensemble()
     metric, names = ens["metric"], meta["class_names"]
     in_sample = ens["scores"]["ensemble"][metric] - ens["scores"]["best_single"][metric]
-    sub = pd.read_csv(exp.ensemble_file("submission.csv"), dtype=str)
+    sub = pd.read_csv(exp.submission_file, dtype=str)
     test_ens = float(np.mean(sub["label"].to_numpy() == labels.loc[sub.iloc[:, 0]].to_numpy()))
     test_single = test_accuracy(exp, ens["best_single"], labels, names)
     cv = ens.get("cv", {})

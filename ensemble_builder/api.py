@@ -21,7 +21,7 @@ from ensemble_builder import candidates as cands
 from ensemble_builder.crossval import STEPS_GRID, SelectionCV, metric_scores, random_folds, rank_candidates
 from trainer import storage
 from trainer.errors import BadInput
-from trainer.experiment import DEFAULT_RUNS, Experiment
+from trainer.experiment import CONFIG_FILE, DEFAULT_RUNS, MODEL_FILE, Checkpoint, Experiment
 
 DEFAULT_STEPS = 50   # with auto=False and no steps
 
@@ -151,7 +151,7 @@ def write(sel: Selection, auto: bool = True) -> tuple[str, str | None]:
     record = sel.record(auto)
     sub = sel.submission()
     if sub is not None:
-        record["submission"] = exp.ensemble_file("submission.csv")
+        record["submission"] = exp.submission_file
         storage.write_bytes(record["submission"], sub.to_csv(index=False).encode())
     storage.write_json(exp.ensemble_file(), record)
     return exp.ensemble_file(), record.get("submission")
@@ -181,8 +181,8 @@ def predict(experiment: str, images: str, tta: bool = True, cache_dir: str | Non
     for m in exp.ensemble()["members"]:
         folds = exp.candidate(m["candidate"]).members()["members"]
         for fm in folds:
-            for f in ("config.json", "model.pt"):
-                if not storage.exists(storage.join(fm["checkpoint"], f)):
+            for f in (CONFIG_FILE, MODEL_FILE):
+                if not Checkpoint(fm["checkpoint"]).has(f):
                     raise BadInput(f"{storage.join(fm['checkpoint'], f)}: member checkpoint missing "
                                    f"(candidate {m['candidate']}, fold {fm.get('fold')}); "
                                    "re-run the cross-fit or select again")

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from trainer import storage
 from trainer.errors import BadInput
-from trainer.experiment import newest, probs_array
+from trainer.experiment import Experiment, newest, probs_array
 
 
 @dataclass
@@ -45,22 +44,20 @@ def probs_matrix(table, location: str) -> np.ndarray:
 
 
 def load(experiment: str) -> Candidates:
-    meta_path = storage.join(experiment, "experiment.json")
-    if not storage.exists(meta_path):
+    exp = Experiment(experiment)
+    if not exp.exists():
         raise BadInput(f"{experiment}: not an experiment (no experiment.json); check --experiment")
-    meta = storage.read_json(meta_path)
+    meta = exp.meta()
     n_classes = len(meta["class_names"])
-    index = storage.read_parquet(storage.join(experiment, "folds.parquet")).to_pandas()
-    root = storage.join(experiment, "candidates")
-    names = sorted({rel.split("/")[0] for rel, _ in storage.list_files(root) if rel.endswith("/oof.parquet")
-                    and rel.count("/") == 1}) if storage.is_dir(root) else []
+    index = exp.folds()
+    names = exp.candidate_ids()
     if not names:
         raise BadInput(f"{experiment}: no candidates (candidates/*/oof.parquet); run the search to completion first")
 
     tables = {}
     for cid in names:
-        location = storage.join(root, cid, "oof.parquet")
-        table = storage.read_parquet(location)
+        candidate = exp.candidate(cid)
+        table, location = candidate.oof(), candidate.file("oof.parquet")
         P = probs_matrix(table, location)
         if P.shape[1] != n_classes:
             raise BadInput(f"{location}: {P.shape[1]} classes, but the experiment has {n_classes} "
@@ -77,24 +74,23 @@ def load(experiment: str) -> Candidates:
     P = np.stack([pd.DataFrame(tables[c][1], index=tables[c][0]).loc[order].to_numpy() for c in chosen])
     rows = index.set_index("sample_id").loc[order]
     y, folds = rows["label"].to_numpy(), rows["fold"].to_numpy(np.int64)
-    configs = {cid: storage.read_json(storage.join(root, cid, "members.json")).get("config", {})
-               if storage.exists(storage.join(root, cid, "members.json")) else {} for cid in chosen}
+    configs = {cid: exp.candidate(cid).config() for cid in chosen}
     return Candidates(experiment, meta, chosen, order, y, P.astype(np.float32), bool(full), configs,
                       [c for c in names if c not in chosen], folds)
 
 
 def test_matrix(c: Candidates, ids: list[str]) -> tuple[list[str], np.ndarray] | None:
     """(test sample ids, (m, n_test, C)) when every given candidate has test predictions."""
-    test_path = storage.join(c.experiment, "test.parquet")
-    if not storage.exists(test_path):
+    exp = Experiment(c.experiment)
+    if not exp.has_test():
         return None
-    order = storage.read_parquet(test_path).column("sample_id").to_pylist()
+    order = exp.test()["sample_id"].tolist()
     out = []
     for cid in ids:
-        location = storage.join(c.experiment, "candidates", cid, "test.parquet")
-        if not storage.exists(location):
+        candidate = exp.candidate(cid)
+        if not candidate.has_test():
             return None
-        table = storage.read_parquet(location)
-        out.append(pd.DataFrame(probs_matrix(table, location), index=table.column("sample_id").to_pylist())
-                   .loc[order].to_numpy())
+        table = candidate.test()
+        out.append(pd.DataFrame(probs_matrix(table, candidate.file("test.parquet")),
+                                index=table.column("sample_id").to_pylist()).loc[order].to_numpy())
     return order, np.stack(out).astype(np.float32)

@@ -14,7 +14,7 @@ import pandas as pd
 
 from searchspace.prepare import Resources, mode_of
 from trainer import storage
-from trainer.experiment import Experiment, TrialContext, open_journal, ranked
+from trainer.experiment import Checkpoint, Experiment, TrialContext, open_journal, ranked
 
 
 def study_file(experiment: Experiment, cache_dir: str) -> str:
@@ -151,7 +151,7 @@ def collect(results, metric: str, experiment: Experiment, max_epochs: int) -> pd
             uri = checkpoint_uri(experiment, result.checkpoint.path)
             row["checkpoint"] = uri
             experiment.candidate(row["trial_id"]).write(
-                [dict(checkpoint=uri, fold=0)], storage.read_parquet(storage.join(uri, "holdout.parquet")), config)
+                [dict(checkpoint=uri, fold=0)], Checkpoint(uri).holdout(), config)
         rows.append(row)
     trials = pd.DataFrame(rows)
     experiment.write_trials(trials)

@@ -253,6 +253,10 @@ class Experiment:
     def ensemble_file(self, name: str = "ensemble.json") -> str:
         return self.file("ensemble", name)
 
+    @property
+    def submission_file(self) -> str:
+        return self.ensemble_file("submission.csv")
+
     def has_ensemble(self) -> bool:
         return storage.exists(self.ensemble_file())
 

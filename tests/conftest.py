@@ -1,26 +1,18 @@
-"""Shared fixtures: real image files on disk, each task's real data layout, a local Ray, one tiny search.
+"""Fixtures and pytest hooks: a local Ray, offline weights, one tiny search, moto's S3 server.
 
-Everything here is real: images are PNG/JPEG files written with OpenCV or
-Pillow, datasets are folders in the exact layout each task reads, Ray is a
-real local cluster and ``tiny_experiment`` is a real (tiny) search through
-``searchspace.run.main``. Nothing is mocked.
+Everything here is real: Ray is a real local cluster, ``tiny_experiment`` is
+a real (tiny) search through ``searchspace.run.main`` and moto's S3 server is
+a real HTTP server in its own process. Nothing is mocked. The plain helpers
+(image files, dataset layouts, ``prepare_experiment``, ``free_port``, ``uri``...)
+are in tests/helpers.py, imported with ``from helpers import make_paddy``
+(pytest's default import mode puts tests/ on sys.path). No test module imports
+from another test module. The test folders have no ``__init__.py``: without a
+tests/__init__.py, a tests/trainer/__init__.py would make ``import trainer``
+find the test folder instead of the package.
 
-Image content depends on the class (a class colour, a class-specific stripe
-period and orientation, plus noise), so a tiny model can learn something and
-two classes never produce identical files.
-
-Helpers are plain functions, imported with ``from conftest import make_paddy``
-(pytest's default import mode puts tests/ on sys.path). The test folders
-have no ``__init__.py``: without a tests/__init__.py, a tests/trainer/__init__.py
-would make ``import trainer`` find the test folder instead of the package.
-
-- ``write_image(path, kind, size, seed, cls)``: one image file;
-  ``class_pixels(cls, size, seed)`` its RGB content; ``IMAGE_KINDS``.
-- ``make_paddy``, ``make_deepfake_folders``, ``make_deepfake_csv``,
-  ``make_imagefolder``: a tiny dataset in a task's layout; each returns its root.
-- ``truncate_file(path)``: cut an image file in half (a "broken download").
-- ``prepare_experiment(argv, experiment)``: searchspace.run's data step only
-  (folds.parquet, test.parquet, experiment.json; no Ray); returns the TrialContext.
+- ``pytest_collection_modifyitems``: a test that uses a fixture in
+  ``RAY_FIXTURES`` (it starts Ray or runs a search) is marked ``slow``, so
+  ``pytest -m "not slow"`` starts no Ray.
 - ``ray_session`` (session): ``ray.init`` with 2 CPUs and its temp dir inside
   the pytest tmp dir; shut down at the end.
 - ``weights_dir`` (session): a folder with ``test_resnet.pth`` (seed 0), so
@@ -29,22 +21,27 @@ would make ``import trainer`` find the test folder instead of the package.
   tiny paddy dataset; a namespace with ``experiment``, ``data``, ``cache_dir``,
   ``storage``, ``weights_dir``, ``stdout``, ``argv``, ``images`` (train count),
   ``test_images``, ``folds``, ``trials``, ``max_epochs``, ``crossfit_top``.
+- ``moto_endpoint`` (module): moto's standalone S3 server as its own process
+  on 127.0.0.1 (``moto_server``, or ``python -m moto.server``); yields
+  ``host:port``. ``s3``: a boto3 client for it, with ``MOTO_CREDENTIALS`` in
+  this process's environment and the endpoint as ``s3.endpoint``. Both skip
+  the test where boto3 or moto is not installed (the ``test`` extra).
 """
 from __future__ import annotations
 
 import contextlib
-import csv
+import importlib.util
 import os
-import random
 import shutil
-import tempfile
+import socket
+import subprocess
+import sys
+import time
 import types
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import MOTO_CREDENTIALS, free_port, make_paddy, ray_temp_dir, write_weights
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -62,265 +59,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
-# --- images ------------------------------------------------------------------
-
-IMAGE_KINDS = ("rgb", "gray", "rgba", "palette", "16bit")
-
-# Distinct RGB colours, one per class (cycled beyond eight classes).
-CLASS_COLOURS = [
-    (220, 40, 40), (40, 190, 40), (40, 60, 220), (220, 200, 40),
-    (200, 40, 200), (40, 200, 200), (240, 140, 20), (120, 120, 120),
-]
-
-
-@contextlib.contextmanager
-def environment(env: dict, cwd: str):
-    """Run a block with this process's environment and working directory as given, then put them back."""
-    saved_env, saved_cwd = dict(os.environ), os.getcwd()
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(cwd)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
-        os.chdir(saved_cwd)
-
-
-@contextlib.contextmanager
-def without_session_ray(tmp_path_factory):
-    """No Ray connection in this process inside the block; an equivalent local Ray again after it.
-
-    ``ray_session`` may be connected when a test that needs its own Ray (a
-    cluster, other credentials) starts; a driver holds one connection only, so
-    it is shut down here and restarted afterwards (same CPUs and runtime_env,
-    new temp dir) from the environment and working directory it had: workers
-    inherit both, and the project is imported from the driver's working directory.
-    """
-    import ray
-
-    previous = None
-    if ray.is_initialized():
-        previous = dict(num_cpus=int(ray.cluster_resources().get("CPU", 2)),
-                        runtime_env=dict(ray.get_runtime_context().runtime_env or {}),
-                        env=dict(os.environ), cwd=os.getcwd())
-        ray.shutdown()
-    try:
-        yield
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        if previous is not None:
-            temp = str(tmp_path_factory.mktemp("ray"))
-            if len(temp) > 60:  # Ray's unix socket paths must stay short
-                temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-            with environment(previous["env"], previous["cwd"]):
-                ray.init(num_cpus=previous["num_cpus"], _temp_dir=temp, include_dashboard=False,
-                         log_to_driver=True, runtime_env=previous["runtime_env"] or None)
-
-
-def class_pixels(cls: int, size: tuple[int, int] = (32, 32), seed: int = 0) -> np.ndarray:
-    """HxWx3 uint8 RGB: the class colour, class-dependent stripes and a little noise."""
-    w, h = size
-    rng = np.random.default_rng(seed)
-    colour = np.array(CLASS_COLOURS[cls % len(CLASS_COLOURS)], np.float32)
-    img = np.empty((h, w, 3), np.float32)
-    img[:] = colour
-    period = 2 + cls % 4
-    yy, xx = np.mgrid[0:h, 0:w]
-    stripes = ((xx if cls % 2 else yy) // period) % 2 == 0
-    img[stripes] *= 0.55
-    img += rng.normal(0, 12, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def write_image(path, kind: str = "rgb", size: tuple[int, int] = (32, 32), seed: int = 0,
-                cls: int = 0) -> Path:
-    """Write one real image file and return its path.
-
-    kind: ``rgb`` (3 channels), ``gray`` (1 channel), ``rgba`` (4 channels,
-    PNG only), ``palette`` (Pillow mode P, PNG only) or ``16bit`` (3-channel
-    uint16 PNG). The format follows the suffix (.jpg/.jpeg or .png). ``size``
-    is (width, height); ``cls`` picks the class-dependent content.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rgb = class_pixels(cls, size, seed)
-    jpeg = path.suffix.lower() in (".jpg", ".jpeg")
-    if jpeg and kind not in ("rgb", "gray"):
-        raise ValueError(f"{kind} images need a .png name, not {path.name}")
-    if kind == "rgb":
-        ok = cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    elif kind == "gray":
-        ok = cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
-    elif kind == "rgba":
-        alpha = np.full(rgb.shape[:2] + (1,), 200, np.uint8)
-        ok = cv2.imwrite(str(path), np.concatenate([cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), alpha], 2))
-    elif kind == "palette":
-        Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(path)
-        ok = True
-    elif kind == "16bit":
-        ok = cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR).astype(np.uint16) * 257)
-    else:
-        raise ValueError(f"unknown kind {kind!r}; one of {IMAGE_KINDS}")
-    assert ok, f"could not write {path}"
-    return path
-
-
-def truncate_file(path) -> Path:
-    """Keep only the first half of a file's bytes (a broken download)."""
-    path = Path(path)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    return path
-
-
-def _write_csv(path: Path, header: list[str], rows: list) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-
-
-# --- task layouts ------------------------------------------------------------
-
-# Deliberately not in sorted order, so tests can see that labels are encoded
-# in sorted class-name order and not in order of appearance.
-PADDY_CLASSES = ["tungro", "blast", "normal", "hispa", "brown_spot", "dead_heart", "downy_mildew",
-                 "bacterial_panicle_blight"]
-
-
-def make_paddy(root, classes: int = 3, per_class: int = 6, test: int = 4, size=(32, 32),
-               kinds: list[str] | None = None, seed: int = 0) -> Path:
-    """The Kaggle paddy layout; returns ``root``.
-
-    train.csv (image_id,label,variety,age); train_images/<label>/<image_id>;
-    test_images/<image_id>; sample_submission.csv (image_id,label) in a
-    shuffled order. Ids are ``100000.jpg``, ``100001.jpg``...; test ids
-    ``200000.jpg``... With ``kinds`` (cycled over the training images), the
-    images are PNG files of those kinds and ids end in ``.png``. ``test=0``
-    writes no test_images/ folder and no sample_submission.csv.
-    """
-    root = Path(root)
-    rng = random.Random(seed)
-    rows = []
-    n = 0
-    for c in range(classes):
-        label = PADDY_CLASSES[c]
-        for j in range(per_class):
-            kind = kinds[n % len(kinds)] if kinds else "rgb"
-            image_id = f"{100000 + n}" + (".png" if kinds else ".jpg")
-            write_image(root / "train_images" / label / image_id, kind, size, seed=seed * 1000 + n, cls=c)
-            rows.append((image_id, label, ["ADT45", "KarnatakaPonni"][j % 2], 45 + j))
-            n += 1
-    rng.shuffle(rows)  # the CSV is not grouped by class
-    _write_csv(root / "train.csv", ["image_id", "label", "variety", "age"], rows)
-    if test:
-        ids = [f"{200000 + i}.jpg" for i in range(test)]
-        for i, image_id in enumerate(ids):
-            write_image(root / "test_images" / image_id, "rgb", size, seed=seed * 1000 + 500 + i, cls=i % classes)
-        order = ids[:]
-        rng.shuffle(order)
-        if order == sorted(order) and len(order) > 1:
-            order.reverse()  # never the file-listing order, so the test sees the reordering
-        _write_csv(root / "sample_submission.csv", ["image_id", "label"], [(i, "") for i in order])
-    return root
-
-
-def make_deepfake_folders(root, per_class: int = 5, valid: int = 2, test: int = 2, size=(32, 32),
-                          valid_name: str = "valid", test_classes: bool = True) -> Path:
-    """{train,valid,test}/{real,fake}/<image>.jpg; returns ``root``.
-
-    ``valid`` and ``test`` are images per class (0 leaves the folder out);
-    ``test_classes=False`` writes a flat test/ folder.
-    """
-    root = Path(root)
-    n = 0
-    for split, count in (("train", per_class), (valid_name, valid), ("test", test)):
-        for c, label in enumerate(("fake", "real")):
-            for j in range(count):
-                sub = root / split / label if (split != "test" or test_classes) else root / split
-                write_image(sub / f"{split}_{label}_{j}.jpg", "rgb", size, seed=n, cls=c)
-                n += 1
-    return root
-
-
-def make_deepfake_csv(root, with_ext: bool = True, test_csv: bool = True, per_class: int = 5,
-                      valid: int = 2, test: int = 3, size=(32, 32)) -> Path:
-    """train.csv and validation.csv (image_id,label) with train/, validation/, test/; returns ``root``.
-
-    Files are ``<split>_<k>.jpg``; ids in the CSVs keep the ``.jpg`` when
-    ``with_ext`` and drop it otherwise. ``test_csv`` writes test.csv listing
-    the test ids in reverse file order.
-    """
-    root = Path(root)
-    n = 0
-    for split, count in (("train", per_class), ("validation", valid)):
-        rows = []
-        for c, label in enumerate(("FAKE", "REAL")):
-            for j in range(count):
-                name = f"{split}_{label.lower()}_{j}"
-                write_image(root / split / f"{name}.jpg", "rgb", size, seed=n, cls=c)
-                rows.append((name + (".jpg" if with_ext else ""), label))
-                n += 1
-        _write_csv(root / f"{split}.csv", ["image_id", "label"], rows)
-    ids = []
-    for k in range(test):
-        write_image(root / "test" / f"test_{k}.jpg", "rgb", size, seed=n, cls=k % 2)
-        ids.append(f"test_{k}" + (".jpg" if with_ext else ""))
-        n += 1
-    if test_csv:
-        _write_csv(root / "test.csv", ["image_id"], [(i,) for i in reversed(ids)])
-    return root
-
-
-def make_imagefolder(root, classes: int = 3, per_class: int = 4, test: bool = True, train_subdir: bool = False,
-                     size=(32, 32)) -> Path:
-    """<class>/<image>.png (or train/<class>/ with ``train_subdir``) and a flat test/; returns ``root``.
-
-    Class names are ``class_c``, ``class_a``, ``class_b``... (not sorted).
-    With ``test`` a flat test/ folder holds 3 unlabelled images.
-    """
-    root = Path(root)
-    base = root / "train" if train_subdir else root
-    names = ["class_c", "class_a", "class_b", "class_e", "class_d"]
-    n = 0
-    for c in range(classes):
-        for j in range(per_class):
-            write_image(base / names[c] / f"img_{j}.png", "rgb", size, seed=n, cls=c)
-            n += 1
-    if test:
-        for j in range(3):
-            write_image(root / "test" / f"t{j}.png", "rgb", size, seed=100 + j, cls=j)
-    return root
-
-
-# --- experiments without a search -------------------------------------------
-
-def prepare_experiment(argv: list[str], experiment):
-    """searchspace.run's data step alone (no Ray): load, check, index; returns the TrialContext.
-
-    ``argv`` is a searchspace.run command line; folds.parquet, test.parquet
-    and experiment.json are written under ``experiment``.
-    """
-    import os
-
-    from searchspace.api import prepare_only
-    from searchspace.run import parse_args
-
-    options = vars(parse_args(argv))
-    for key in ("crossfit_only", "experiment", "resume"):
-        options.pop(key)
-    options["tta"] = not options.pop("no_tta")
-    options["portfolio"] = not options.pop("no_portfolio")
-    task = options.pop("task")
-    experiment = str(experiment)
-    options["storage"], options["name"] = os.path.dirname(experiment), os.path.basename(experiment)
-    return prepare_only(task, **options)
-
-
 # --- Ray ---------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -334,10 +72,7 @@ def ray_session(tmp_path_factory):
     """
     import ray
 
-    tmp = str(tmp_path_factory.mktemp("ray"))
-    fallback = len(tmp) > 60
-    if fallback:
-        tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    tmp, fallback = ray_temp_dir(tmp_path_factory)
     if ray.is_initialized():
         ray.shutdown()
     # Workers find this repository's packages because Ray puts the driver's
@@ -355,13 +90,7 @@ def ray_session(tmp_path_factory):
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory) -> Path:
     """A folder holding test_resnet.pth: the state_dict of test_resnet (1000 classes) made with seed 0."""
-    import timm
-    import torch
-
-    d = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    torch.save(timm.create_model("test_resnet").state_dict(), d / "test_resnet.pth")
-    return d
+    return write_weights(tmp_path_factory.mktemp("weights"))
 
 
 @pytest.fixture(scope="session")
@@ -375,7 +104,6 @@ def tiny_experiment(tmp_path_factory, ray_session, weights_dir):
     holds a local test_resnet.pth, so the trials fine-tune it (there is no
     network). Asserts that main() returned 0; its stdout is kept in ``.stdout``.
     """
-    import contextlib
     import io
 
     from searchspace.run import main
@@ -395,3 +123,54 @@ def tiny_experiment(tmp_path_factory, ray_session, weights_dir):
     return types.SimpleNamespace(
         experiment=storage / "tiny", data=data, cache_dir=cache_dir, storage=storage, weights_dir=weights_dir,
         stdout=stdout, argv=argv, images=30, test_images=6, folds=3, trials=3, max_epochs=2, crossfit_top=2)
+
+
+# --- moto's S3 server ----------------------------------------------------------
+
+def _needs_moto() -> None:
+    if not all(importlib.util.find_spec(name) for name in ("boto3", "moto")):
+        pytest.skip("needs boto3 and moto (the test extra)")
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint(tmp_path_factory):
+    """moto's standalone S3 server as a separate process on 127.0.0.1; yields 'host:port'."""
+    _needs_moto()
+    port = free_port()
+    script = Path(sys.executable).parent / "moto_server"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "moto.server"]
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    proc = subprocess.Popen(cmd + ["-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **MOTO_CREDENTIALS})
+    endpoint = f"127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"moto_server did not start (exit {proc.poll()}); see {log.name}")
+            time.sleep(0.2)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def s3(moto_endpoint, monkeypatch):
+    """boto3 client for the moto server, with moto's credentials in this process's environment."""
+    import boto3
+
+    for k, v in MOTO_CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    client = boto3.client("s3", endpoint_url=f"http://{moto_endpoint}", region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client.endpoint = moto_endpoint
+    return client

@@ -43,7 +43,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import ray
-from conftest import make_paddy, without_session_ray
+from helpers import make_paddy, without_session_ray, write_weights
 from ray.cluster_utils import Cluster
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -76,14 +76,7 @@ def detached(tmp_path_factory):
 def weights(tmp_path_factory) -> Path:
     """Local 'pretrained' weights (seed 0) for the models used here: the paddy space samples
     pretrained=True/False and there is no network."""
-    import timm
-    import torch
-
-    d = tmp_path_factory.mktemp("weights")
-    for arch in ("test_resnet", "test_convnext"):
-        torch.manual_seed(0)
-        torch.save(timm.create_model(arch).state_dict(), d / f"{arch}.pth")
-    return d
+    return write_weights(tmp_path_factory.mktemp("weights"), ("test_resnet", "test_convnext"))
 
 
 @contextlib.contextmanager

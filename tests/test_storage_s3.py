@@ -5,6 +5,8 @@ in every Ray worker talks HTTP to it exactly as it would to AWS (the URI
 carries ``endpoint_override=127.0.0.1:PORT&scheme=http``). The credentials are
 moto's dummy ones; Ray workers get them through the job's runtime_env, since
 a worker only inherits environment variables that were set before Ray started.
+The server (``moto_endpoint``) and the boto3 client (``s3``) are conftest
+fixtures; ``uri`` and ``MOTO_CREDENTIALS`` come from helpers.py.
 
 - ``test_storage_roundtrip_s3``: trainer.storage's read/write/list helpers
   against the server, checked object by object with boto3.
@@ -20,12 +22,7 @@ import io
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -33,72 +30,12 @@ import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-boto3 = pytest.importorskip("boto3")
+pytest.importorskip("boto3")
 pytest.importorskip("moto")
 
-from conftest import make_paddy, without_session_ray  # noqa: E402
+from helpers import MOTO_CREDENTIALS, make_paddy, uri, without_session_ray, write_weights  # noqa: E402
 
 from trainer import storage  # noqa: E402
-
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_REGION": "us-east-1",
-    # No instance-metadata lookups (there is no network beyond 127.0.0.1).
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint(tmp_path_factory):
-    """moto's standalone S3 server as a separate process on 127.0.0.1; yields 'host:port'."""
-    port = _free_port()
-    script = Path(sys.executable).parent / "moto_server"
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "moto.server"]
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen(cmd + ["-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **CREDENTIALS})
-    endpoint = f"127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"moto_server did not start (exit {proc.poll()}); see {log.name}")
-            time.sleep(0.2)
-        yield endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-@pytest.fixture
-def s3(moto_endpoint, monkeypatch):
-    """boto3 client for the moto server, with moto's credentials in this process's environment."""
-    for k, v in CREDENTIALS.items():
-        monkeypatch.setenv(k, v)
-    client = boto3.client("s3", endpoint_url=f"http://{moto_endpoint}", region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
-    client.endpoint = moto_endpoint
-    return client
-
-
-def uri(endpoint: str, bucket: str, key: str = "") -> str:
-    return f"s3://{bucket}/{key}".rstrip("/") + f"?endpoint_override={endpoint}&scheme=http"
 
 
 def keys(client, bucket: str, prefix: str = "") -> list[str]:
@@ -165,23 +102,12 @@ def own_ray(tmp_path_factory):
     with without_session_ray(tmp_path_factory):
         temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
         ray.init(num_cpus=2, _temp_dir=temp, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {**CREDENTIALS, "NO_ALBUMENTATIONS_UPDATE": "1"}})
+                 runtime_env={"env_vars": {**MOTO_CREDENTIALS, "NO_ALBUMENTATIONS_UPDATE": "1"}})
         try:
             yield temp
         finally:
             ray.shutdown()
             shutil.rmtree(temp, ignore_errors=True)
-
-
-def _weights(root: Path) -> Path:
-    """test_resnet.pth (seed 0): pretrained=True is in the paddy space and there is no network."""
-    import timm
-    import torch
-
-    root.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    torch.save(timm.create_model("test_resnet").state_dict(), root / "test_resnet.pth")
-    return root
 
 
 def _local_artifacts(*roots) -> list[str]:
@@ -208,7 +134,7 @@ def test_search_and_select_in_bucket(own_ray, s3, tmp_path):
     for path in sorted(p for p in local_data.rglob("*") if p.is_file()):
         s3.upload_file(str(path), "bkt", "data/" + path.relative_to(local_data).as_posix())
     shutil.rmtree(local_data)  # the search can only read the bucket
-    cache, weights = tmp_path / "cache", _weights(tmp_path / "weights")
+    cache, weights = tmp_path / "cache", write_weights(tmp_path / "weights")
     workdir = tmp_path / "cwd"
     workdir.mkdir()
 

@@ -17,7 +17,7 @@ import huggingface_hub.constants
 import optuna
 import pandas as pd
 import pytest
-from conftest import make_deepfake_folders, make_imagefolder, make_paddy, prepare_experiment
+from helpers import make_deepfake_folders, make_imagefolder, make_paddy, prepare_experiment
 
 from searchspace.data import SkippedFiles
 from searchspace.run import main

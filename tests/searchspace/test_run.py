@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import ray
-from conftest import class_pixels, make_deepfake_csv, make_paddy, prepare_experiment, truncate_file, write_image
+from helpers import class_pixels, make_deepfake_csv, make_paddy, prepare_experiment, truncate_file, write_image
 from PIL import Image
 
 from searchspace.prepare import architectures, budget

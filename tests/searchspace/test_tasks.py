@@ -8,7 +8,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
-from conftest import PADDY_CLASSES, make_deepfake_csv, make_deepfake_folders, make_imagefolder, make_paddy
+from helpers import PADDY_CLASSES, make_deepfake_csv, make_deepfake_folders, make_imagefolder, make_paddy
 
 from searchspace.data import build_index, match_ids, read_csv, safe_relative
 from searchspace.tasks import TASKS, deepfake, digits, get_task, imagefolder, paddy

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import class_pixels
+from helpers import class_pixels
 
 from trainer.augment import AugPolicy, albumentations_pipeline, kornia_pipeline, mix_batch
 

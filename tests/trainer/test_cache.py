@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_image
+from helpers import write_image
 
 from trainer import storage
 from trainer.cache import SPARE_BYTES, cached_images, check_free_space, fingerprint

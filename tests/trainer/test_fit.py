@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_paddy, prepare_experiment
+from helpers import make_paddy, prepare_experiment
 
 from trainer import storage
 from trainer.cache import cached_images

@@ -15,18 +15,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import IMAGE_KINDS, class_pixels, truncate_file, write_image
+from helpers import IMAGE_KINDS, class_pixels, truncate_file, uri, write_image
 from PIL import Image
 
 from trainer import scan_cache
 from trainer.images import RESIZE_MODES, Progress, decode_checks, decode_rgb, file_identities, load, resize, scan
 
 REPO = Path(__file__).resolve().parents[2]
-
-try:  # moto's S3 server (a real HTTP server in its own process) and its fixtures
-    from test_storage_s3 import moto_endpoint, s3, uri  # noqa: F401
-except pytest.skip.Exception:
-    uri = None
 
 
 @pytest.mark.parametrize("kind", IMAGE_KINDS)
@@ -296,9 +291,12 @@ def test_two_processes_scanning_at_once_agree_and_fill_one_cache(tmp_path):
     assert _scan_counting(locations, cache) == (a[0], a[1], 0)
 
 
-@pytest.mark.skipif(uri is None, reason="needs boto3 and moto (the test extra)")
 def test_a_scan_in_a_bucket_lists_each_folder_and_remembers(s3, tmp_path):
-    """Identities come from one listing per folder (no read per object); a re-uploaded object is read again."""
+    """Identities come from one listing per folder (no read per object); a re-uploaded object is read again.
+
+    ``s3`` (conftest) is a client for moto's real S3 server in its own process; it skips the test
+    where boto3 or moto is not installed.
+    """
     s3.create_bucket(Bucket="scan")
     ok = cv2.imencode(".jpg", class_pixels(1, (40, 30)))[1].tobytes()
     for i in range(6):

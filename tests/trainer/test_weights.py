@@ -14,6 +14,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from helpers import free_port
 
 from trainer import weights
 from trainer.errors import BadInput
@@ -90,9 +91,7 @@ def test_bad_mode_and_missing_weights_dir_are_bad_input(tmp_path):
 def test_a_hub_that_does_not_answer_costs_seconds_not_minutes(hf_cache, monkeypatch):
     """A refused connection (nothing listening on a local port) counts as offline, at once."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]   # closed again when the block ends: nothing listens there
+    port = free_port()   # bound and closed again: nothing listens there
     start = time.monotonic()
     assert not weights.hub_answers(f"http://127.0.0.1:{port}", timeout=2.0)
     found = weights.resolve(["test_resnet"], None, "auto", endpoint=f"http://127.0.0.1:{port}", timeout=2.0)

@@ -55,7 +55,8 @@ def resume_options(options: dict) -> dict:
 
 OPTIONS = {"storage", "name", "seed", "cache_dir", "trials", "max_epochs", "grace_period", "reduction_factor",
            "folds", "crossfit_top", "archs", "image_sizes", "aug_backend", "weights_dir", "pretrained",
-           "search_pretrained", "skip_unreadable", "tta", "crossfit_by", "portfolio", *RESOURCE_KEYS}
+           "search_pretrained", "skip_unreadable", "tta", "crossfit_by", "portfolio", "objective",
+           *RESOURCE_KEYS}
 
 
 def _prepare(task_name: str, data: str | None, options: dict):
@@ -97,7 +98,8 @@ def run_search(task_name: str, data: str | None = None, **options) -> tuple[int,
           f"ASHA max {b['max_epochs']} epochs, grace {b['grace_period']}, reduction {b['reduction_factor']}",
           flush=True)
     start = time.time()
-    results = build_tuner(task, ctx, b, archs, res, seed, cache_dir, options.get("portfolio", True)).fit()
+    results = build_tuner(task, ctx, b, archs, res, seed, cache_dir, options.get("portfolio", True),
+                          options.get("objective", "own")).fit()
     if finish_search(experiment, results, task.METRIC, b["max_epochs"], start, cache_dir) is None:
         return 1, experiment
     code = crossfit(experiment, res, b["crossfit_top"], options.get("tta", True), options.get("crossfit_by"))

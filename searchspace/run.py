@@ -55,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial, from its last checkpoint")
     p.add_argument("--crossfit-top", type=int,
                    help="cross-fit this many of the best configs over all K folds (default: the task's; 0: skip)")
+    p.add_argument("--objective", choices=["own", "ensemble"], default="own",
+                   help="what the searcher optimises: each trial's own metric (default), or its ensemble_gain "
+                        "(how much it raises the greedy ensemble of the trials finished so far); ASHA always "
+                        "stops trials on their own metric")
     p.add_argument("--no-portfolio", action="store_true",
                    help="do not start with the task's portfolio of known-good configs (TPE from the first trial)")
     p.add_argument("--crossfit-by", choices=["complementarity", "score"],

@@ -68,9 +68,22 @@ def portfolio(task, archs: dict, has_weights: dict, search_pretrained: bool, tri
                             search_pretrained, limit=limit)
 
 
+OBJECTIVES = ("own", "ensemble")
+
+
 def build_tuner(task, ctx: TrialContext, b: dict, archs: dict, res: Resources, seed: int, cache_dir: str,
-                use_portfolio: bool = True):
-    """The Tuner, OptunaSearch and ASHAScheduler, built together in one place."""
+                use_portfolio: bool = True, objective: str = "own"):
+    """The Tuner, OptunaSearch and ASHAScheduler, built together in one place.
+
+    ``objective="ensemble"``: the searcher maximises each trial's ``ensemble_gain``
+    while ASHA keeps stopping trials on their own metric. Ray allows this: a
+    searcher given its metric and mode itself keeps them (``set_search_properties``
+    returns False), and the scheduler takes the TuneConfig's. A finished
+    trial's value is its gain against the pool as it was when it finished;
+    Optuna cannot change a told value, so older trials keep the larger gains of
+    a smaller pool (their contribution at the time), which TPE ranks beside
+    newer, smaller ones.
+    """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -92,7 +105,8 @@ def build_tuner(task, ctx: TrialContext, b: dict, archs: dict, res: Resources, s
     searcher = TruthfulOptunaSearch(
         space=functools.partial(task.define_search_space, archs=archs, pretrained=has_weights,
                                 search_pretrained=ctx.search_pretrained),
-        metric=metric, mode=mode, sampler=sampler(seed), points_to_evaluate=first or None,
+        metric="ensemble_gain" if objective == "ensemble" else metric,
+        mode="max" if objective == "ensemble" else mode, sampler=sampler(seed), points_to_evaluate=first or None,
         study_name=name, storage=open_journal(study_file(experiment, cache_dir)), max_t=b["max_epochs"])
     # The limiter also sets how many trials Tune samples ahead; without it
     # Tune keeps one pending trial and a second slot idles while actors start.
@@ -145,6 +159,8 @@ def collect(results, metric: str, experiment: Experiment, max_epochs: int) -> pd
             last = history["epoch"].idxmax()
             row.update(score=float(history[metric][last]), best_score=float(history[metric][best]),
                        best_epoch=int(history["epoch"][best]), epochs_run=int(history["epoch"][last]))
+            if "ensemble_gain" in history:
+                row["ensemble_gain"] = float(history["ensemble_gain"][last])
             row["completed"] = row["epochs_run"] >= max_epochs and not result.error
             row["stopped_early"] = row["epochs_run"] < max_epochs and not result.error
         if result.checkpoint is not None and row["score"] is not None:

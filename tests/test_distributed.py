@@ -46,6 +46,8 @@ import ray
 from helpers import make_paddy, without_session_ray, write_weights
 from ray.cluster_utils import Cluster
 
+from trainer.experiment import Experiment
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,6 +241,12 @@ def test_search_spreads_over_nodes_and_each_node_builds_its_cache_once(tmp_path,
     used = set().union(*ran_on.values())
     assert used <= set(node_name), used
     assert len(used) >= 2, f"all trials ran on {[node_name[u] for u in used]}"
+
+    # The pool of finished trials' predictions (ensemble_gain) lives in the experiment's storage:
+    # every finished trial wrote to it, and trials on more than one node read it.
+    assert sorted(Experiment(str(experiment)).pool_ids()) == sorted(trials["trial_id"])
+    pooled_on = {r["node_id"] for d in dirs for r in results(d) if r.get("pool_size", 0) >= 1}
+    assert len(pooled_on) >= 2, f"only {[node_name[u] for u in pooled_on]} read a non-empty pool"
 
     # Each node built each cache entry at most once, in its own cache dir; the
     # driver's --cache-dir was never used for a cache (the node setting wins).

@@ -13,6 +13,8 @@ imported, so the ensemble builder can read an experiment without torch.
   test.parquet                  sample_id, path                        (absent without a test set)
   trials.parquet                one row per search trial
   optuna_journal.log            the Optuna study
+  pool/<trial_id>.parquet       sample_id, probs: fold 0's holdout predictions of each search trial
+                                that ran its whole schedule (what ensemble_gain is measured against)
   weights/<arch><suffix>        pretrained weights copied for a cluster (bucket experiments only)
   candidates/<cid>/oof.parquet  sample_id, probs (out of fold or fold 0's holdout)
   candidates/<cid>/test.parquet sample_id, probs (mean over the candidate's fold models)
@@ -241,6 +243,20 @@ class Experiment:
             return []
         return sorted({rel.split("/")[0] for rel, _ in storage.list_files(root)
                        if rel.endswith("/oof.parquet") and rel.count("/") == 1})
+
+    # --- the pool: fold-0 holdout predictions of the search trials that ran their whole schedule
+    def pool_ids(self) -> list[str]:
+        root = self.file("pool")
+        if not storage.is_dir(root):
+            return []
+        return sorted(rel[: -len(".parquet")] for rel, _ in storage.list_files(root, recursive=False)
+                      if rel.endswith(".parquet"))
+
+    def pool(self, trial_id: str) -> pa.Table:
+        return storage.read_parquet(self.file("pool", trial_id + ".parquet"))
+
+    def write_pool(self, trial_id: str, table: pa.Table) -> None:
+        storage.write_parquet(self.file("pool", trial_id + ".parquet"), table)
 
     # --- weights, the study, the ensemble
     def weights_file(self, arch: str, suffix: str) -> str:

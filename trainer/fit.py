@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from trainer import storage
 from trainer.augment import AugPolicy, albumentations_pipeline, kornia_pipeline, mix_batch
 from trainer.cache import cached_images
+from trainer.ensemble_gain import Pool
 from trainer.experiment import (
     CONFIG_FILE,
     HOLDOUT_FILE,
@@ -215,16 +216,32 @@ def _quiet() -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint otherwise
 
 
+_POOLS: dict[str, Pool] = {}   # per experiment: a reused actor reads only the new pool entries
+
+
 def train_trial(config: dict, ctx: TrialContext) -> None:
-    """A search trial: the config on fold 0 for the run's whole schedule, one report per epoch."""
+    """A search trial: the config on fold 0 for the run's whole schedule, one report per epoch.
+
+    Every report carries ``ensemble_gain``: how much this epoch's holdout
+    predictions raise the greedy ensemble of the trials finished so far. A
+    trial that runs its whole schedule joins that pool with its final epoch.
+    """
     from ray import tune
 
     _quiet()
     run = Run(config, ctx, fold=0, epochs=int(ctx.max_epochs))
+    trial_id = tune.get_context().get_trial_id()
+    pool = _POOLS.get(ctx.experiment)
+    if pool is None:
+        pool = _POOLS[ctx.experiment] = Pool(ctx.experiment, run.hold_ids, run.labels[run.hold_rows], ctx.metric)
     for epoch in range(run.restore(tune.get_checkpoint()), run.epochs):
         train_loss, images_per_s = run.train_epoch()
         metrics, probs = run.evaluate(epoch + 1)
-        run.report({**metrics, "train_loss": train_loss, "images_per_s": images_per_s}, probs)
+        gain, pooled, seconds = pool.gain(probs, exclude=trial_id)
+        if epoch + 1 == run.epochs:
+            run.experiment.write_pool(trial_id, probs_table(run.hold_ids, probs))
+        run.report({**metrics, "train_loss": train_loss, "images_per_s": images_per_s, "ensemble_gain": gain,
+                    "pool_size": pooled, "ensemble_gain_s": seconds}, probs)
 
 
 def crossfit_fold(config: dict, ctx: TrialContext) -> None:

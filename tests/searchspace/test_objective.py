@@ -1,0 +1,47 @@
+"""--objective ensemble: the searcher optimises each trial's ensemble_gain while ASHA stops on the
+trial's own metric; the study's states and values are what Tune did with each trial."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import optuna
+import pandas as pd
+import pytest
+from helpers import make_paddy
+
+from searchspace.run import main
+from trainer.experiment import STUDY_FILE, Experiment, open_journal
+
+
+def test_the_study_records_ensemble_gains_and_asha_stops_on_accuracy(tmp_path, ray_session):
+    data = make_paddy(tmp_path / "data", classes=3, per_class=8, test=0)
+    argv = ["paddy", "--data", str(data), "--storage", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
+            "--name", "ens", "--archs", "test_resnet,test_efficientnet", "--image-sizes", "16", "--trials", "6",
+            "--max-epochs", "3", "--grace-period", "1", "--reduction-factor", "2", "--folds", "2",
+            "--crossfit-top", "0", "--pretrained", "no", "--objective", "ensemble", "--max-failures", "0"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0, out.getvalue()
+    exp = Experiment(str(tmp_path / "runs" / "ens"))
+    trials = exp.trials()
+    assert (trials["status"] == "ok").all() and trials["ensemble_gain"].notna().all()
+    # every search trial that ran its whole schedule joined the pool, and only those
+    assert sorted(exp.pool_ids()) == sorted(trials.loc[trials["completed"], "trial_id"])
+
+    study = optuna.load_study(study_name="ens", storage=open_journal(str(tmp_path / "runs" / "ens" / STUDY_FILE)))
+    by_lr = {t.params.get("lr", t.params.get("lr_scratch")): t for t in study.trials}
+    for row in trials.itertuples():
+        t = by_lr[row.lr]
+        if row.completed:
+            # the value Optuna got is the ensemble gain, not the accuracy
+            assert t.state == optuna.trial.TrialState.COMPLETE and t.value == pytest.approx(row.ensemble_gain)
+        else:
+            assert row.stopped_early and t.state == optuna.trial.TrialState.PRUNED
+            assert max(t.intermediate_values) == row.epochs_run
+    # ASHA ranked on accuracy: the progress shows "best accuracy", and results carry both metrics
+    assert "best accuracy" in out.getvalue()
+    results = (tmp_path / "runs" / "ens").glob("train_trial_*/result.json")
+    curves = pd.concat([pd.read_json(p, lines=True) for p in results])
+    assert {"accuracy", "ensemble_gain", "pool_size", "ensemble_gain_s"} <= set(curves.columns)
+    assert curves["pool_size"].max() >= 1   # later trials saw earlier ones' predictions

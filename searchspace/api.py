@@ -20,6 +20,7 @@ import time
 from searchspace.crossfit import crossfit
 from searchspace.prepare import Resources, architectures, budget, prepare
 from searchspace.resume import resume
+from searchspace.storage_policy import prune
 from searchspace.tasks import get_task
 from searchspace.tuner import build_tuner, finish_search
 from trainer import storage
@@ -44,19 +45,19 @@ def _resources(options: dict) -> Resources:
 
 def crossfit_options(options: dict) -> dict:
     """The CLI's options that --crossfit-only uses."""
-    keep = ("crossfit_top", "crossfit_by") + RESOURCE_KEYS
+    keep = ("crossfit_top", "crossfit_by", "keep_checkpoints") + RESOURCE_KEYS
     return {**{k: options[k] for k in keep if k in options}, "tta": not options.get("no_tta", False)}
 
 
 def resume_options(options: dict) -> dict:
-    keep = ("name", "storage", "cache_dir", "crossfit_top", "crossfit_by") + RESOURCE_KEYS
+    keep = ("name", "storage", "cache_dir", "crossfit_top", "crossfit_by", "keep_checkpoints") + RESOURCE_KEYS
     return {**{k: options[k] for k in keep if k in options}, "tta": not options.get("no_tta", False)}
 
 
 OPTIONS = {"storage", "name", "seed", "cache_dir", "trials", "max_epochs", "grace_period", "reduction_factor",
            "folds", "crossfit_top", "archs", "image_sizes", "aug_backend", "weights_dir", "pretrained",
            "search_pretrained", "skip_unreadable", "tta", "crossfit_by", "portfolio", "objective",
-           *RESOURCE_KEYS}
+           "keep_checkpoints", *RESOURCE_KEYS}
 
 
 def _prepare(task_name: str, data: str | None, options: dict):
@@ -103,7 +104,18 @@ def run_search(task_name: str, data: str | None = None, **options) -> tuple[int,
     if finish_search(experiment, results, task.METRIC, b["max_epochs"], start, cache_dir) is None:
         return 1, experiment
     code = crossfit(experiment, res, b["crossfit_top"], options.get("tta", True), options.get("crossfit_by"))
+    tidy(experiment, options.get("keep_checkpoints", False))
     return code, experiment
+
+
+def tidy(experiment: Experiment, keep_checkpoints: bool) -> None:
+    """The storage policy, unless --keep-checkpoints; says what it freed."""
+    if keep_checkpoints or not experiment.has_trials():
+        return
+    freed = prune(experiment)
+    if freed["files"]:
+        print(f"storage: removed {freed['files']} checkpoint file(s) that nothing can use any more "
+              f"({freed['bytes'] / 1e6:.1f} MB; --keep-checkpoints keeps them)")
 
 
 def search(task: str, data: str | None = None, **options) -> Experiment:
@@ -116,7 +128,7 @@ def search(task: str, data: str | None = None, **options) -> Experiment:
 
 
 def crossfit_only(task_name: str, experiment: str | None, crossfit_top: int | None = None, tta: bool = True,
-                  crossfit_by: str | None = None, **resources) -> int:
+                  crossfit_by: str | None = None, keep_checkpoints: bool = False, **resources) -> int:
     """Cross-fit an existing experiment; finished folds are kept."""
     get_task(task_name)
     res = Resources(**resources).check()
@@ -126,18 +138,22 @@ def crossfit_only(task_name: str, experiment: str | None, crossfit_top: int | No
     if not exp.has_trials():
         raise BadInput(f"{exp.location}: no trials.parquet; run the search first")
     start_ray()
-    return crossfit(exp, res, crossfit_top, tta, crossfit_by)
+    code = crossfit(exp, res, crossfit_top, tta, crossfit_by)
+    tidy(exp, keep_checkpoints)
+    return code
 
 
 def resume_search(task_name: str, name: str | None, storage: str = DEFAULT_RUNS, cache_dir: str | None = None,
                   crossfit_top: int | None = None, tta: bool = True, crossfit_by: str | None = None,
-                  **resources) -> int:
+                  keep_checkpoints: bool = False, **resources) -> int:
     get_task(task_name)
     res = Resources(**resources).check()
     if not name:
         raise BadInput("--resume needs --name (the experiment to continue) and the same --storage")
     exp = Experiment(_under(storage, name))
-    return resume(exp, task_name, res, cache_dir or default_cache_dir(), start_ray, crossfit_top, tta, crossfit_by)
+    code = resume(exp, task_name, res, cache_dir or default_cache_dir(), start_ray, crossfit_top, tta, crossfit_by)
+    tidy(exp, keep_checkpoints)
+    return code
 
 
 def _under(root: str, name: str) -> str:

@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--crossfit-by", choices=["complementarity", "score"],
                    help="which configs to cross-fit: those the greedy ensemble of the fold-0 predictions picks "
                         "(default), or the top M by their own fold-0 score")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep every checkpoint file (default: drop optimiser states once the search is over, the "
+                        "weights of trials ASHA stopped, and the cross-fit jobs' own copies)")
     p.add_argument("--crossfit-only", action="store_true",
                    help="only cross-fit an existing experiment (--experiment); finished folds are kept")
     p.add_argument("--experiment", help="an existing experiment folder or URI, for --crossfit-only")

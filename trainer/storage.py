@@ -116,3 +116,12 @@ def delete_dir(location: str) -> None:
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir(path)
 
+
+
+def delete_file(location: str) -> bool:
+    """Remove one file; False when there was none."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return False
+    fs.delete_file(path)
+    return True

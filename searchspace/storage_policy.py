@@ -1,0 +1,58 @@
+"""What an experiment keeps once the search and the cross-fit are over.
+
+Every trial keeps its config and its holdout predictions (its candidate). The
+rest of a checkpoint is kept only while it can still matter:
+
+- the optimiser state (``train_state.pt``) only while a trial may resume: it
+  goes when the search is over;
+- a search trial's weights only if the cross-fit may use them: trials that
+  ran their whole schedule (the only ones the cross-fit chooses from; fold 0
+  of a cross-fitted config is its search trial's final checkpoint). A trial
+  ASHA stopped loses its weights, unless nothing was cross-fitted, when every
+  search candidate may be an ensemble member that ``predict`` must load;
+- a cross-fit job's own Ray checkpoints: the fold records
+  (``candidates/cv-*/folds/<k>/``) hold those weights, and a rerun of the
+  cross-fit trains an unfinished fold from the start.
+
+``--keep-checkpoints`` keeps everything.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from trainer import storage
+from trainer.experiment import MODEL_FILE, TRAIN_STATE_FILE, Checkpoint, Experiment
+
+
+def prune(experiment: Experiment, trials: pd.DataFrame | None = None) -> dict:
+    """Apply the policy; returns {"files": removed, "bytes": freed}."""
+    trials = experiment.trials() if trials is None else trials
+    cross_fitted = any(c.startswith("cv-") for c in experiment.candidate_ids())
+    sizes = dict(storage.list_files(experiment.location))
+    here = rebase(experiment)
+    doomed = []
+    for row in trials[trials["checkpoint"].notna()].itertuples():
+        checkpoint = Checkpoint(here(row.checkpoint))
+        doomed.append(checkpoint.file(TRAIN_STATE_FILE))
+        if cross_fitted and not row.completed:
+            doomed.append(checkpoint.model)
+    doomed += [experiment.file(rel) for rel in sizes
+               if rel.startswith("crossfit-") and rel.rsplit("/", 1)[-1] in (MODEL_FILE, TRAIN_STATE_FILE)]
+    freed, removed = 0, 0
+    prefix = experiment.location.rstrip("/") + "/"
+    for location in doomed:
+        # Never outside the experiment: a moved copy must not reach back into the original.
+        if location.startswith(prefix) and storage.delete_file(location):
+            removed += 1
+            freed += sizes.get(location[len(prefix):], 0)
+    return {"files": removed, "bytes": freed}
+
+
+def rebase(experiment: Experiment):
+    """location -> the same place in the experiment where it is now (trials.parquet records where it was)."""
+    origin = experiment.meta().get("context", {}).get("experiment", experiment.location).rstrip("/")
+    now = experiment.location.rstrip("/")
+
+    def here(location: str) -> str:
+        return now + location[len(origin):] if location.startswith(origin + "/") else location
+    return here

@@ -57,7 +57,7 @@ def load(experiment: str) -> Candidates:
     tables = {}
     for cid in names:
         candidate = exp.candidate(cid)
-        table, location = candidate.oof(), candidate.file("oof.parquet")
+        table, location = candidate.oof(), candidate.oof_file
         P = probs_matrix(table, location)
         if P.shape[1] != n_classes:
             raise BadInput(f"{location}: {P.shape[1]} classes, but the experiment has {n_classes} "
@@ -91,6 +91,6 @@ def test_matrix(c: Candidates, ids: list[str]) -> tuple[list[str], np.ndarray] |
         if not candidate.has_test():
             return None
         table = candidate.test()
-        out.append(pd.DataFrame(probs_matrix(table, candidate.file("test.parquet")),
+        out.append(pd.DataFrame(probs_matrix(table, candidate.test_file),
                                 index=table.column("sample_id").to_pylist()).loc[order].to_numpy())
     return order, np.stack(out).astype(np.float32)

@@ -40,6 +40,7 @@ from trainer.errors import BadInput
 
 DEFAULT_RUNS = "runs"
 STUDY_FILE = "optuna_journal.log"
+TRIALS_FILE = "trials.parquet"
 # Inside a checkpoint folder (Ray's, or a fold record).
 MODEL_FILE, CONFIG_FILE, HOLDOUT_FILE, TRAIN_STATE_FILE = "model.pt", "config.json", "holdout.parquet", "train_state.pt"
 
@@ -160,6 +161,14 @@ class Candidate(Folder):
     def exists(self) -> bool:
         return self.has("members.json")
 
+    @property
+    def oof_file(self) -> str:
+        return self.file("oof.parquet")
+
+    @property
+    def test_file(self) -> str:
+        return self.file("test.parquet")
+
     def has_oof(self) -> bool:
         return self.has("oof.parquet")
 
@@ -216,17 +225,17 @@ class Experiment:
                               pa.Table.from_pandas(test[["sample_id", "path"]], preserve_index=False))
 
     def has_trials(self) -> bool:
-        return storage.exists(self.file("trials.parquet"))
+        return storage.exists(self.file(TRIALS_FILE))
 
     def trials(self) -> pd.DataFrame:
-        return storage.read_parquet(self.file("trials.parquet")).to_pandas()
+        return storage.read_parquet(self.file(TRIALS_FILE)).to_pandas()
 
     def write_trials(self, trials: pd.DataFrame) -> None:
-        storage.write_parquet(self.file("trials.parquet"), pa.Table.from_pandas(trials, preserve_index=False))
+        storage.write_parquet(self.file(TRIALS_FILE), pa.Table.from_pandas(trials, preserve_index=False))
 
     @property
     def trials_file(self) -> str:
-        return self.file("trials.parquet")
+        return self.file(TRIALS_FILE)
 
     # --- candidates
     @property

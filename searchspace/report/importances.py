@@ -11,12 +11,12 @@ import pandas as pd
 
 from searchspace.report.load import LOG_SCALE, Experiment, hyperparameters, is_categorical, python_value, sort_key
 from trainer import storage
-from trainer.experiment import STUDY_FILE
+from trainer.experiment import STUDY_FILE, TRIALS_FILE
 
 # Optuna storage files that the search may leave in the experiment, first found wins.
 STUDY_FILES = (STUDY_FILE,)
 # The source of a study rebuilt from the trials rather than read from the search's storage.
-REBUILT = "trials.parquet"
+REBUILT = TRIALS_FILE   # the study was rebuilt from trials.parquet
 
 
 class Study(NamedTuple):

@@ -18,7 +18,8 @@ from trainer.errors import BadInput
 
 # trials.parquet columns that are results, not hyperparameters.
 RESULT_COLUMNS = {"trial_id", "metric", "best_score", "best_epoch", "epochs_run", "stopped_early",
-                  "seconds", "status", "error", "checkpoint"}
+                  "seconds", "status", "error", "checkpoint", "score", "completed", "ensemble_gain",
+                  "crossfit_rank", "crossfit_gain", "crossfit_reason"}
 LOG_SCALE = {"lr", "weight_decay"}
 MAX_CATEGORIES = 8     # an int column with more distinct values is numeric
 

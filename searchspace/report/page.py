@@ -36,7 +36,7 @@ def build(location: str) -> list[str]:
     shown, saved = predictions(exp), asha_savings(exp)
     page.files["index.html"] = document(
         f"{exp.name}: experiment report",
-        header(exp, len(shown.names)), summary_cards(exp, saved), leaderboard_section(page),
+        header(exp, len(shown.names)), summary_cards(exp, saved), leaderboard_section(page), crossfit_section(page),
         learning_curves_section(page), hyperparameters_section(page), ensemble_section(page, shown),
         time_section(page, saved), further_section(exp, page.study),
         f"<p class='muted'>Built by <code>python -m searchspace.report</code> on "
@@ -145,6 +145,24 @@ def leaderboard_section(page: Page) -> str:
                  "holdout fold (fold 0), the epoch it reached it, and how long it ran. A trial that ASHA stopped "
                  "early is judged on fewer epochs than one that ran to the end.</p>",
                  leaderboard(page.exp, page.study.importances))
+
+
+def crossfit_section(page: Page) -> str:
+    """Which configs were cross-fitted, in the order chosen, and why (trials.parquet's crossfit_* columns)."""
+    t = page.exp.trials
+    if "crossfit_rank" not in t or t["crossfit_rank"].isna().all():
+        return ""
+    chosen = t[t["crossfit_rank"].notna()].sort_values("crossfit_rank")
+    rows = [{"rank": int(r["crossfit_rank"]), "trial": r["trial_id"], "arch": r.get("arch"),
+             "image size": r.get("image_size"), f"final {page.exp.metric}": r.get("score"),
+             "gain when added": r["crossfit_gain"], "why": r["crossfit_reason"]} for _, r in chosen.iterrows()]
+    how = page.exp.meta.get("crossfit_by", "complementarity")
+    return lines("<h2>Cross-fit: which configs, and why</h2>",
+                 f"<p class='muted'>Chosen by {esc(how)}: "
+                 + ("greedy ensemble selection on the trials' fold-0 holdout predictions; the gain is how much "
+                    "the greedy ensemble's holdout score rose at the step the config joined it."
+                    if how == "complementarity" else "the top configs by their own fold-0 score.") + "</p>",
+                 table(rows, left={"trial", "arch", "why"}))
 
 
 def learning_curves_section(page: Page) -> str:
@@ -310,6 +328,12 @@ def leaderboard(exp: Experiment, imp: dict[str, float]) -> str:
     for _, r in t.iterrows():
         row = {"trial": r["trial_id"], "arch": r.get("arch"), "image size": r.get("image_size")}
         row.update({p: python_value(r[p]) for p in shown})
+        if "score" in t:   # the last epoch's: what the search and the cross-fit go by
+            row[f"final {exp.metric}"] = r["score"]
+        if "ensemble_gain" in t:
+            row["ensemble gain"] = r["ensemble_gain"]
+        if "crossfit_rank" in t:
+            row["cross-fit"] = "" if pd.isna(r["crossfit_rank"]) else int(r["crossfit_rank"])
         row.update({f"best {exp.metric}": r["best_score"], "best epoch": r["best_epoch"],
                     "epochs run": r["epochs_run"], "stopped early": bool(r["stopped_early"]),
                     "seconds": None if pd.isna(r["seconds"]) else round(float(r["seconds"]), 1),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import html
 import html.parser
 import http.server
 import io
@@ -149,6 +150,18 @@ def test_leaderboard_lists_every_trial(report, experiment):
     # Best first: the top row holds the best score.
     score = header.index(f"best {trials['metric'].iloc[0]}")
     assert float(rows[0][score]) == pytest.approx(trials["best_score"].max(), rel=1e-3)
+
+
+def test_the_report_shows_each_trial_s_ensemble_gain_and_why_each_config_was_cross_fitted(report, experiment):
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    page = (report / "index.html").read_text()
+    header = parse(report / "index.html").tables[0][0]
+    assert {"ensemble gain", "cross-fit", f"final {trials['metric'].iloc[0]}"} <= set(header)
+    assert "Cross-fit: which configs, and why" in page
+    chosen = trials[trials["crossfit_rank"].notna()]
+    assert len(chosen) >= 1
+    for row in chosen.itertuples():
+        assert row.trial_id in page and html.escape(row.crossfit_reason, quote=True) in page
 
 
 def test_ensemble_and_asha_numbers(report, experiment):

@@ -381,6 +381,8 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, ray
     argv = ["digits", "--storage", str(storage_root), "--name", "killed", "--archs", "test_resnet",
             "--image-sizes", "16", "--trials", str(n_trials), "--max-epochs", str(max_epochs),
             "--grace-period", str(max_epochs), "--folds", "3", "--crossfit-top", "0",
+            # compared file by file below: keep what the storage policy would drop after the search
+            "--keep-checkpoints",
             "--cache-dir", str(cache), "--seed", "0"]
     token = uuid.uuid4().hex
     marker = f"SEARCHSPACE_TEST_DRIVER={token}"

@@ -30,9 +30,10 @@ def test_the_study_records_ensemble_gains_and_asha_stops_on_accuracy(tmp_path, r
     assert sorted(exp.pool_ids()) == sorted(trials.loc[trials["completed"], "trial_id"])
 
     study = optuna.load_study(study_name="ens", storage=open_journal(str(tmp_path / "runs" / "ens" / STUDY_FILE)))
-    by_lr = {t.params.get("lr", t.params.get("lr_scratch")): t for t in study.trials}
+    # keyed by architecture and learning rate: the portfolio's default recipes share their lr
+    by_lr = {(t.params["arch"], t.params.get("lr", t.params.get("lr_scratch"))): t for t in study.trials}
     for row in trials.itertuples():
-        t = by_lr[row.lr]
+        t = by_lr[(row.arch, row.lr)]
         if row.completed:
             # the value Optuna got is the ensemble gain, not the accuracy
             assert t.state == optuna.trial.TrialState.COMPLETE and t.value == pytest.approx(row.ensemble_gain)

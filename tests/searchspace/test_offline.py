@@ -156,10 +156,11 @@ def test_an_offline_search_fails_no_trial_and_the_study_matches_tune(tmp_path, r
     assert [t.params["arch"] for t in first] == ["test_resnet", "test_efficientnet"]
     assert [t.params["scale_min"] for t in first] == [paddy.DEFAULT_RECIPE["scale_min"]] * 2
     assert "lr" in first[0].params and "lr_scratch" in first[1].params
-    by_lr = {t.params.get("lr", t.params.get("lr_scratch")): t for t in study.trials}
+    # keyed by architecture and learning rate: the portfolio's default recipes share their lr
+    by_lr = {(t.params["arch"], t.params.get("lr", t.params.get("lr_scratch"))): t for t in study.trials}
     assert len(by_lr) == len(trials) == 6
     for row in trials.itertuples():
-        t = by_lr[row.lr]
+        t = by_lr[(row.arch, row.lr)]
         if row.completed:
             assert t.state == optuna.trial.TrialState.COMPLETE and t.value == pytest.approx(row.score)
         else:

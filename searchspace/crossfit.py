@@ -61,9 +61,9 @@ def choose(trials: pd.DataFrame, experiment: Experiment, top: int, mode: str, me
     """
     from ensemble_builder.selection import EnsembleSelection
 
-    pool = eligible(trials, mode, MIN_SCORE_FRACTION if by == "complementarity" else 0.0)
-    rows = []
-    if by == "complementarity" and len(pool) > 1 and top > 1:
+    rows, seen = [], set()
+    pool = eligible(trials, mode) if by == "complementarity" else trials.iloc[:0]
+    if len(pool) > 1 and top > 1:
         index = experiment.folds()
         order = index.loc[index["fold"] == 0, "sample_id"].tolist()
         y = index.set_index("sample_id").loc[order, "label"].to_numpy()
@@ -72,24 +72,24 @@ def choose(trials: pd.DataFrame, experiment: Experiment, top: int, mode: str, me
         sel = EnsembleSelection(ensemble_size=max(10, 4 * top), metric=metric, max_members=top).fit(P, y)
         previous = None
         for step, c in enumerate(sel.indices_):
-            if ids[c] in {r["trial_id"] for r in rows}:
-                previous = sel.trajectory_[step]
-                continue
             score = sel.trajectory_[step]
-            gain = score - previous if previous is not None else None
-            reason = (f"greedy step {step + 1}: ensemble {metric} {score:.4f}"
-                      + (f" ({gain:+.4f})" if gain is not None else " (the best single config)"))
-            rows.append(dict(trial_id=ids[c], crossfit_gain=gain, crossfit_reason=reason))
+            if ids[c] not in seen:
+                gain = None if previous is None else score - previous
+                reason = (f"greedy step {step + 1}: ensemble {metric} {score:.4f}"
+                          + (" (the best single config)" if gain is None else f" ({gain:+.4f})"))
+                rows.append(dict(trial_id=ids[c], crossfit_gain=gain, crossfit_reason=reason))
+                seen.add(ids[c])
             previous = score
     # The guard only keeps weak configs out of the greedy pick; the rest of the
     # budget goes by score, as the top-M rule would spend it.
     for row in eligible(trials, mode, 0.0).itertuples():
         if len(rows) >= top:
             break
-        if row.trial_id not in {r["trial_id"] for r in rows}:
+        if row.trial_id not in seen:
             why = f"{metric} {row.score:.4f} on fold 0" + (
                 "" if by == "score" else "; filled by score (the greedy ensemble stopped improving)")
             rows.append(dict(trial_id=row.trial_id, crossfit_gain=None, crossfit_reason=why))
+            seen.add(row.trial_id)
     chosen = pd.DataFrame(rows[:top], columns=["trial_id", "crossfit_gain", "crossfit_reason"])
     chosen.insert(1, "crossfit_rank", np.arange(1, len(chosen) + 1))
     return chosen

@@ -75,11 +75,7 @@ def weights_file(location: str | None, ctx: TrialContext) -> str | None:
     suffix = os.path.splitext(location.partition("?")[0])[1]
     local = os.path.join(node_cache_dir(ctx), "weights", hashlib.sha1(location.encode()).hexdigest()[:16] + suffix)
     if not os.path.exists(local):
-        os.makedirs(os.path.dirname(local), exist_ok=True)
-        tmp = f"{local}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(storage.read_bytes(location))
-        os.replace(tmp, local)
+        storage.write_bytes(local, storage.read_bytes(location))
     return local
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import uuid
 from functools import lru_cache
 
 import pyarrow as pa
@@ -86,7 +87,8 @@ def write_bytes(location: str, data: bytes) -> None:
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     # Write then move, so a reader never sees half a file (on a local disk;
     # object stores commit a whole object on close anyway).
-    tmp = path + ".tmp"
+    # A name of this writer's own, so two processes writing one file never share a temporary.
+    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     with fs.open_output_stream(tmp) as f:
         f.write(data)
     fs.move(tmp, path)

@@ -161,6 +161,7 @@ def test_a_reader_never_sees_half_a_file(tmp_path):
     for data in seen:
         assert data in versions, f"a read returned {len(data)} bytes, not one whole version"
     assert not os.path.exists(target + ".tmp")
+    assert not [n for n in os.listdir(os.path.dirname(target)) if n.endswith(".tmp")]
 
 
 def test_json_round_trip(tmp_path):
@@ -188,6 +189,7 @@ def test_parquet_round_trip(tmp_path):
         assert back.equals(table)
         assert back.schema == table.schema
     assert not os.path.exists(str(tmp_path / "x" / "t.parquet.tmp"))
+    assert not list((tmp_path / "x").glob("*.tmp"))
 
 
 # --- deleting ----------------------------------------------------------------

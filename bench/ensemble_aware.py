@@ -52,7 +52,7 @@ PIPELINES = {
 }
 LABELS = {"score": "(a) own metric, top-M", "compl": "(b) complementarity cross-fit",
           "portfolio": "(c) (b) + portfolio", "ensemble": "(d) (c) + --objective ensemble"}
-FULL = dict(trials=12, max_epochs=6, grace_period=2, folds=3, crossfit_top=4)
+FULL = dict(trials=16, max_epochs=10, grace_period=2, folds=3, crossfit_top=4)
 SMOKE = dict(trials=3, max_epochs=2, grace_period=1, folds=2, crossfit_top=2)
 
 
@@ -186,7 +186,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=5, help="ensemble_builder select --top")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess before it is killed")
     ap.add_argument("--data-seed", type=int, default=0)
-    ap.add_argument("--mnist-train", type=int, default=600, help="mnist training images (the test split is 600)")
+    ap.add_argument("--mnist-train", type=int, default=1200, help="mnist training images (the test split is 600)")
     a = ap.parse_args()
     a.root, a.workdir = os.path.abspath(a.root), os.path.abspath(a.workdir)
     os.makedirs(a.workdir, exist_ok=True)

@@ -87,7 +87,10 @@ def _prepare(task_name: str, data: str | None, options: dict):
 
 
 def prepare_only(task_name: str, data: str | None = None, **options):
-    """The data step alone (no Ray): folds.parquet, test.parquet, experiment.json; returns the TrialContext."""
+    """The data step alone (Ray only to check a bucket's images).
+
+    Writes folds.parquet, test.parquet and experiment.json; returns the TrialContext.
+    """
     return _prepare(task_name, data, options)[5]
 
 

@@ -1,7 +1,8 @@
 """Before any trial: the budget, the architectures, the data check, the index and the weights.
 
 Everything that can be checked before the search is checked here and raised
-as ``BadInput`` (one line at the CLI edge); nothing here needs Ray.
+as ``BadInput`` (one line at the CLI edge). Only data in a bucket needs Ray
+here: its images are checked on the cluster's nodes.
 """
 from __future__ import annotations
 
@@ -125,7 +126,13 @@ def prepare(task, task_name: str, data: str | None, experiment: Experiment, b: d
     train_paths = dataset.train["path"].tolist()
     test_paths = dataset.test["path"].tolist() if dataset.test is not None else []
     print(f"checking {len(train_paths) + len(test_paths)} images in {data} ...", flush=True)
-    sizes, bad = scan(train_paths + test_paths, cache_dir=cache_dir)
+    in_bucket = storage.is_uri(data) and not data.startswith("file:")
+    if in_bucket:
+        # A bucket is checked by Ray tasks on the cluster's nodes, not all read
+        # through this one: Ray starts here, with the search's own ray.init.
+        from searchspace.api import start_ray
+        start_ray()
+    sizes, bad = scan(train_paths + test_paths, cache_dir=cache_dir, cluster=in_bucket)
     if bad and not skip_unreadable:
         listed = "\n".join(f"  {path}: {why}" for path, why in bad.items())
         raise BadInput(f"{len(bad)} unreadable image(s); fix or remove them, or pass --skip-unreadable:\n{listed}")

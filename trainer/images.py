@@ -6,7 +6,8 @@ import sys
 import threading
 import time
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -102,11 +103,17 @@ _UNREADABLE = "cannot read: "
 _SCAN_CHUNK = 500  # files per batch: one progress step and one commit of verdicts
 _checks = 0
 _checks_lock = threading.Lock()
+_cluster_checks: Counter[str] = Counter()
 
 
 def decode_checks() -> int:
     """How many files this process has read and decode-checked so far (a scan cache hit reads none)."""
     return _checks
+
+
+def cluster_checks() -> dict[str, int]:
+    """{Ray node id: files} checked by the Ray tasks of this process's cluster scans so far."""
+    return dict(_cluster_checks)
 
 
 def _check(location: str) -> tuple[int, str | None]:
@@ -118,10 +125,11 @@ def _check(location: str) -> tuple[int, str | None]:
         data = storage.read_bytes(location)
     except Exception as e:
         return 0, f"{_UNREADABLE}{e}".splitlines()[0]
+    buf = io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(buf)
             # draft() lets JPEG decode at 1/8 scale: the whole entropy-coded
             # stream is still read, so truncation is caught, at a fraction of
             # the cost of a full decode.
@@ -129,7 +137,8 @@ def _check(location: str) -> tuple[int, str | None]:
             im.load()
         return len(data), None
     except Exception as e:  # PIL raises many types for broken files
-        return len(data), f"{type(e).__name__}: {e}".splitlines()[0]
+        # Pillow may name the buffer with its memory address; a verdict is the same on every node and run.
+        return len(data), f"{type(e).__name__}: {e}".replace(repr(buf), "the file").splitlines()[0]
 
 
 def file_identities(locations: list[str], workers: int = 8) -> list[Identity | None]:
@@ -185,13 +194,20 @@ class Progress:
         print(f"{self.what}: {done:,}/{self.total:,} ({pct}%), {rate:,.0f}/s, {tail}", file=sys.stderr, flush=True)
 
 
-def scan(locations: list[str], workers: int = 8, cache_dir: str | None = None) -> tuple[list[int], dict[str, str]]:
+def scan(locations: list[str], workers: int = 8, cache_dir: str | None = None,
+         cluster: bool = False) -> tuple[list[int], dict[str, str]]:
     """Decode-check every file: (byte sizes, {location: reason} for the unreadable ones).
 
     With ``cache_dir`` (the node cache), each verdict is kept by (location,
     size, mtime) in a small sqlite file there (trainer.scan_cache): a file
     unchanged since its last check is not read again; a new or changed one
     is. Progress goes to stderr when 2,000 files or more are read.
+
+    With ``cluster`` (Ray initialised: a bucket's files), the files to read
+    are checked by Ray tasks of a few hundred files each, spread over the
+    cluster's nodes, so the bytes go from the bucket to many nodes rather than
+    all to this one; the verdicts come back and are recorded here as above.
+    Otherwise ``workers`` threads read them (a local disk).
     """
     n = len(locations)
     sizes, reasons = [0] * n, [None] * n
@@ -204,25 +220,66 @@ def scan(locations: list[str], workers: int = 8, cache_dir: str | None = None) -
         for i, reason in known.items():
             sizes[i], reasons[i] = identities[i][0], reason
     todo = [i for i in range(n) if i not in known]
-    what = "checking images" + (f" ({len(known):,} unchanged since their last check)" if known else "")
+    parts = [todo[start:start + _SCAN_CHUNK] for start in range(0, len(todo), _SCAN_CHUNK)]
+    what = ("checking images" + (" on the cluster" if cluster else "")
+            + (f" ({len(known):,} unchanged since their last check)" if known else ""))
     progress = Progress(what, len(todo))
+    done = 0
     try:
-        with ThreadPoolExecutor(workers) as pool:
-            for start in range(0, len(todo), _SCAN_CHUNK):
-                part = todo[start:start + _SCAN_CHUNK]
-                fresh = []
-                for i, (size, why) in zip(part, pool.map(_check, [locations[i] for i in part])):
-                    sizes[i], reasons[i] = size, why
-                    # Keep only a verdict on the bytes the identity describes; a file
-                    # that could not be read (permissions, network) is tried again.
-                    ident = identities[i]
-                    if ident is not None and ident[0] == size and not (why or "").startswith(_UNREADABLE):
-                        fresh.append((locations[i], ident, why))
-                if store is not None:
-                    store.record(fresh)  # one commit per chunk: a killed scan keeps what it checked
-                progress.update(start + len(part))
+        checked = _on_cluster(locations, parts, workers) if cluster else _on_threads(locations, parts, workers)
+        for part, verdicts in checked:
+            fresh = []
+            for i, (size, why) in zip(part, verdicts):
+                sizes[i], reasons[i] = size, why
+                # Keep only a verdict on the bytes the identity describes; a file
+                # that could not be read (permissions, network) is tried again.
+                ident = identities[i]
+                if ident is not None and ident[0] == size and not (why or "").startswith(_UNREADABLE):
+                    fresh.append((locations[i], ident, why))
+            if store is not None:
+                store.record(fresh)  # one commit per chunk: a killed scan keeps what it checked
+            done += len(part)
+            progress.update(done)
     finally:
         if store is not None:
             store.close()
     bad = {loc: why for loc, why in zip(locations, reasons) if why is not None}
     return sizes, bad
+
+
+Verdicts = list[tuple[int, str | None]]
+
+
+def _on_threads(locations: list[str], parts: list[list[int]], workers: int) -> Iterator[tuple[list[int], Verdicts]]:
+    """(part, its verdicts) for each part of the files, read by threads of this process."""
+    with ThreadPoolExecutor(workers) as pool:
+        for part in parts:
+            yield part, list(pool.map(_check, [locations[i] for i in part]))
+
+
+def _check_on_node(locations: list[str], workers: int) -> tuple[str, Verdicts]:
+    """A Ray task's body: (the node it ran on, the verdicts of its files)."""
+    import ray
+    with ThreadPoolExecutor(workers) as pool:
+        return ray.get_runtime_context().get_node_id(), list(pool.map(_check, locations))
+
+
+def _on_cluster(locations: list[str], parts: list[list[int]], workers: int) -> Iterator[tuple[list[int], Verdicts]]:
+    """(part, its verdicts) for each part, checked by one Ray task each, in the order they finish.
+
+    SPREAD puts the tasks on every node with a free CPU rather than filling
+    this one first; inside a task, threads overlap the bucket's latency.
+    """
+    import ray
+    task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_check_on_node)
+    pending = {task.remote([locations[i] for i in part], workers): part for part in parts}
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                node, verdicts = ray.get(ref)
+                _cluster_checks[node] += len(verdicts)
+                yield pending.pop(ref), verdicts
+    finally:
+        for ref in pending:  # a scan stopped half-way (an error, Ctrl-C) leaves no tasks behind
+            ray.cancel(ref)

@@ -26,6 +26,7 @@ loses at most the search in progress.
     python bench/ensemble_aware.py                               # mnist + lfw, 4 pipelines, seeds 0,1,2
     python bench/ensemble_aware.py --smoke                       # tiny budgets: proves the script works
     python bench/ensemble_aware.py --report-only                 # the table from the finished runs
+    python bench/ensemble_aware.py --report-only --reselect      # select again with today's ensemble_builder
 """
 from __future__ import annotations
 
@@ -78,11 +79,17 @@ def run_cell(dataset: str, pipeline: str, seed: int, a, info: dict, weights: dic
                command=real_data.show(cmd), search_rc=search.get("rc"), load=os.getloadavg())
     if not os.path.exists(os.path.join(experiment, "trials.parquet")):
         return {**row, "error": f"the search wrote no trials.parquet (rc {search.get('rc')})"}
+    row.update(select(row, a, info, env), seconds=time.perf_counter() - t0)
+    return row
+
+
+def select(row: dict, a, info: dict, env: dict) -> dict:
+    """``ensemble_builder select`` on a finished experiment, then its scores on the held-out labels."""
+    experiment = row["experiment"]
     sel = [sys.executable, "-m", "ensemble_builder", "select", "--top", str(a.top), "--experiment", experiment]
-    select = real_data.run_cmd(sel, env, dataset, os.path.join(logs, name + ".select"), a.timeout)
-    row.update(select_rc=select.get("rc"), seconds=time.perf_counter() - t0)
-    m = real_data.measure(experiment, info)
-    return {**row, **scores(m)}
+    log = os.path.join(a.workdir, "logs", os.path.basename(experiment) + ".select")
+    out = real_data.run_cmd(sel, env, row["dataset"], log, a.timeout)
+    return dict(select_rc=out.get("rc"), **scores(real_data.measure(experiment, info)))
 
 
 def scores(m: dict) -> dict:
@@ -179,6 +186,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--smoke", action="store_true", help=f"tiny budgets ({SMOKE}) and subsets")
     ap.add_argument("--report-only", action="store_true", help="print the table from the finished runs")
+    ap.add_argument("--reselect", action="store_true",
+                    help="run select again on every finished run (today's ensemble_builder) and re-score it")
     ap.add_argument("--root", default=real_data.DEFAULT_ROOT, help="datasets and weights (bench/real_data.py's)")
     ap.add_argument("--workdir", default="/tmp/bench_ensemble_aware", help="runs, cache, logs, results jsonl")
     ap.add_argument("--archs", default=real_data.DEFAULT_ARCHS)
@@ -196,16 +205,22 @@ def main() -> None:
     seeds = [int(s) for s in a.seeds.split(",") if s]
     print(f"load average at start (1/5/15 min): {'/'.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
+    sizes = dict(mnist_train=300, mnist_test=100) if a.smoke else dict(mnist_train=a.mnist_train, mnist_test=600)
+    ns = argparse.Namespace(root=a.root, data_seed=a.data_seed, lfw_train=120, lfw_valid=20, lfw_test=60,
+                            textures_train=96, textures_test=32, **sizes)
+    infos = {d: real_data.build_dataset(d, ns) for d in datasets}
+    ray_tmp = tempfile.mkdtemp(prefix="ea", dir="/tmp")    # short: Ray's unix socket paths
+    env = real_data.child_env(ray_tmp)
+    if a.reselect:
+        rows = read_rows(jsonl)
+        for r in rows:
+            if "error" not in r and r["dataset"] in infos:
+                r.update(select(r, a, infos[r["dataset"]], env))
+                print(f"{r['dataset']} {r['pipeline']} seed {r['seed']}: selected again", flush=True)
+        with open(jsonl, "w") as f:
+            f.writelines(json.dumps(r, default=str) + "\n" for r in rows)
     if not a.report_only:
         weights = _real.weights_folder(a.root)
-        sizes = dict(mnist_train=300, mnist_test=100) if a.smoke else dict(mnist_train=a.mnist_train, mnist_test=600)
-        infos = {}
-        for d in datasets:
-            ns = argparse.Namespace(root=a.root, data_seed=a.data_seed, lfw_train=120, lfw_valid=20, lfw_test=60,
-                                    textures_train=96, textures_test=32, **sizes)
-            infos[d] = real_data.build_dataset(d, ns)
-        ray_tmp = tempfile.mkdtemp(prefix="ea", dir="/tmp")    # short: Ray's unix socket paths
-        env = real_data.child_env(ray_tmp)
         done = {(r["dataset"], r["pipeline"], r["seed"]) for r in read_rows(jsonl) if "error" not in r}
         # seed-major order: a stopped run leaves whole seeds, every pipeline alike
         for seed in seeds:

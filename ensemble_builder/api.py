@@ -136,9 +136,10 @@ def fit(experiment: str | None = None, top: int = 5, metric: str | None = None, 
     ranked = rank_candidates(c.P, c.y, metric)
     best = int(ranked[0])
     selector = cv.selector_
+    top_mean = c.P[ranked[:top]].mean(axis=0, dtype=np.promote_types(c.P.dtype, np.float32))  # float16: in float32
     scores = {"ensemble": metric_scores(c.y, selector.predict_proba(c.P)),
               "best_single": metric_scores(c.y, c.P[best]),
-              f"uniform_top{top}": metric_scores(c.y, c.P[ranked[:top]].mean(axis=0))}
+              f"uniform_top{top}": metric_scores(c.y, top_mean)}
     members = [(c.ids[i], float(selector.weights_[i])) for i in np.argsort(-selector.weights_)
                if selector.weights_[i] > 0]
     return Selection(experiment, metric, c, top, cv, how, splits, folds, cv_seconds, best, scores, members,

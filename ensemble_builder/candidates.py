@@ -1,7 +1,6 @@
 """Read an experiment's candidates: out-of-fold probabilities aligned by sample_id."""
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +8,8 @@ import pandas as pd
 
 from trainer.errors import BadInput
 from trainer.experiment import Experiment, newest, probs_array
+
+FLOAT16_ABOVE = 2**31   # bytes: a float32 P larger than this is held as float16 (1000 x 100k x 10 is 4 GB)
 
 
 @dataclass
@@ -18,7 +19,7 @@ class Candidates:
     ids: list[str]             # candidate ids, in the order of P's first axis
     sample_ids: list[str]      # the samples every candidate predicted, in P's second axis
     y: np.ndarray              # (n,) true labels
-    P: np.ndarray              # (m, n, C) out-of-fold probabilities
+    P: np.ndarray              # (m, n, C) out-of-fold probabilities, float32 (float16 when large; see load)
     full_coverage: bool        # cross-fitted (every training sample) or holdout fold only
     configs: dict[str, dict]   # candidate id -> its config (members.json)
     left_out: list[str]        # candidates whose sample set differs from the one used
@@ -43,7 +44,12 @@ def probs_matrix(table, location: str) -> np.ndarray:
     return P
 
 
-def load(experiment: str) -> Candidates:
+def load(experiment: str, dtype=None) -> Candidates:
+    """The experiment's candidates; ``P`` is float32, or float16 when float32 would pass ``FLOAT16_ABOVE`` bytes.
+
+    ``dtype`` overrides that choice. Each candidate's rows are written straight
+    into the matrix of its sample set, so the whole is never held twice.
+    """
     exp = Experiment(experiment)
     if not exp.exists():
         raise BadInput(f"{experiment}: not an experiment (no experiment.json); check --experiment")
@@ -53,8 +59,13 @@ def load(experiment: str) -> Candidates:
     names = exp.candidate_ids()
     if not names:
         raise BadInput(f"{experiment}: no candidates (candidates/*/oof.parquet); run the search to completion first")
+    if dtype is None:   # from the index's size: an upper bound for holdout-only candidates
+        dtype = np.float16 if len(names) * len(index) * n_classes * 4 > FLOAT16_ABOVE else np.float32
 
-    tables = {}
+    # Candidates are grouped by sample set; a set's matrix holds its rows in the
+    # index's order. np.empty only reserves it: a row costs memory once written.
+    groups: dict[frozenset, tuple[list[str], np.ndarray, list[str]]] = {}   # set -> (order, matrix, ids)
+    layouts: dict[tuple, tuple[frozenset, np.ndarray]] = {}   # a sample_id column -> (its set, rows in set order)
     for cid in names:
         candidate = exp.candidate(cid)
         table, location = candidate.oof(), candidate.oof_file
@@ -62,20 +73,29 @@ def load(experiment: str) -> Candidates:
         if P.shape[1] != n_classes:
             raise BadInput(f"{location}: {P.shape[1]} classes, but the experiment has {n_classes} "
                            f"({', '.join(meta['class_names'])}); this candidate belongs to another task")
-        tables[cid] = (table.column("sample_id").to_pylist(), P)
+        layout = tuple(table.column("sample_id").to_pylist())
+        if layout not in layouts:
+            ids = frozenset(layout)
+            if len(ids) < len(layout):
+                raise BadInput(f"{location}: a sample_id appears twice; re-run this candidate or delete it")
+            if ids not in groups:
+                order = [s for s in index["sample_id"] if s in ids]
+                groups[ids] = (order, np.empty((len(names), len(order), n_classes), dtype), [])
+            layouts[layout] = ids, pd.Index(layout).get_indexer(groups[ids][0])
+        ids, rows = layouts[layout]
+        _, matrix, members = groups[ids]
+        matrix[len(members)] = P[rows]
+        members.append(cid)
 
     # Never mix sample sets: the full-coverage (cross-fitted) candidates when
     # there are any, else the largest group sharing one holdout set.
     everything = frozenset(index["sample_id"])
-    sets = {cid: frozenset(ids) for cid, (ids, _) in tables.items()}
-    full = [cid for cid in names if sets[cid] == everything]
-    chosen = full or [cid for cid in names if sets[cid] == Counter(sets.values()).most_common(1)[0][0]]
-    order = [s for s in index["sample_id"] if s in sets[chosen[0]]]   # the index's order
-    P = np.stack([pd.DataFrame(tables[c][1], index=tables[c][0]).loc[order].to_numpy() for c in chosen])
+    full = everything in groups
+    order, P, chosen = groups[everything] if full else max(groups.values(), key=lambda g: len(g[2]))
     rows = index.set_index("sample_id").loc[order]
     y, folds = rows["label"].to_numpy(), rows["fold"].to_numpy(np.int64)
     configs = {cid: exp.candidate(cid).config() for cid in chosen}
-    return Candidates(experiment, meta, chosen, order, y, P.astype(np.float32), bool(full), configs,
+    return Candidates(experiment, meta, chosen, order, y, P[:len(chosen)], full, configs,
                       [c for c in names if c not in chosen], folds)
 
 

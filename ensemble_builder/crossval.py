@@ -28,10 +28,12 @@ from trainer.metrics import METRICS, mean_nll
 
 STEPS_GRID = (5, 10, 25, 50)   # greedy step counts tried when the user gives none
 RANDOM_SPLITS = 5              # folds drawn when the candidates cover the holdout fold only
+_RANK_BLOCK = 64               # candidates per block when ranking them
 
 
 def metric_scores(y: np.ndarray, P: np.ndarray, names=tuple(METRICS)) -> dict:
     """The named metrics of one blend; ROC AUC only when y holds two classes or more."""
+    P = np.asarray(P, np.promote_types(P.dtype, np.float32))   # a float16 candidate in float32
     return {name: float(METRICS[name][0](y, P)) for name in names
             if name != "roc_auc" or len(np.unique(y)) > 1}
 
@@ -40,15 +42,17 @@ def ranker(P: np.ndarray, y: np.ndarray, metric: str) -> Callable[[np.ndarray], 
     """``rank(samples)``: candidate indices, best first on those samples (see ``rank_candidates``).
 
     The per-sample columns (true-class probabilities, argmax hits) are computed
-    once, so ranking on each fold's training samples costs a column mean.
+    once, so ranking on each fold's training samples costs a column mean. Both
+    go over blocks of candidates: no float64 or int64 temporary of all candidates x samples.
     """
     fn, greater = METRICS[metric]
     m, n, C = P.shape
     p_true = np.take(P.reshape(m, -1), np.arange(n) * C + y, axis=1)   # (m, n), as the selector scores
-    hits = P.argmax(axis=2) == y if metric == "accuracy" else None
+    blocks = [slice(a, a + _RANK_BLOCK) for a in range(0, m, _RANK_BLOCK)]
+    hits = np.concatenate([P[b].argmax(axis=2) == y for b in blocks]) if metric == "accuracy" else None
 
     def rank(samples: np.ndarray) -> np.ndarray:
-        loss = mean_nll(p_true[:, samples])
+        loss = np.concatenate([mean_nll(p_true[b][:, samples]) for b in blocks])
         if metric == "log_loss":
             score = loss
         elif metric == "accuracy":

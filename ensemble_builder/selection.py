@@ -4,6 +4,10 @@ Each step adds the candidate whose blend ``(S + P[c]) / (k + 1)`` with the
 running sum ``S`` of the ``k`` members so far scores best. The vectorised
 scorer evaluates every candidate of a step in a few large numpy operations and
 gives exactly the scores of the per-candidate loop (``vectorised=False``).
+
+``P`` may be float16, half the memory at scale (1,000 candidates x 100,000
+samples x 10 classes: 2 GB). The running sums and blends are then float32, so
+it selects exactly as ``P.astype(np.float32)`` would, without that copy.
 """
 from __future__ import annotations
 
@@ -20,10 +24,11 @@ class _LoopScorer:
     def __init__(self, P: np.ndarray, y: np.ndarray, metric: str):
         self.P, self.y, self.metric = P, y, metric
         self.fn = METRICS[metric][0]
+        self.dtype = np.promote_types(P.dtype, np.float32)   # of the sums and blends: float16 P sums in float32
         self.reset()
 
     def reset(self) -> None:
-        self.S = np.zeros(self.P.shape[1:], self.P.dtype)
+        self.S = np.zeros(self.P.shape[1:], self.dtype)
 
     def add(self, c: int) -> None:
         self.S += self.P[c]
@@ -64,11 +69,11 @@ class _VectorScorer(_LoopScorer):
         self.rise = np.where(is_y, -np.inf, hi).max(axis=1) - lo_y
         self.fall = hi_y - np.where(is_y, np.inf, lo).min(axis=1)
         self.pabs = float(max(np.abs(hi).max(), np.abs(lo).max()))
-        self.rows = max(1, _BLOCK_BYTES // (C * m * P.itemsize))
+        self.rows = max(1, _BLOCK_BYTES // (C * m * self.dtype.itemsize))
 
     def reset(self) -> None:
         super().reset()
-        self.sy = np.zeros(self.P.shape[1], self.P.dtype)  # == S[arange(n), y]
+        self.sy = np.zeros(self.P.shape[1], self.dtype)  # == S[arange(n), y]
 
     def add(self, c: int) -> None:
         super().add(c)
@@ -77,7 +82,7 @@ class _VectorScorer(_LoopScorer):
     def log_losses(self, cands: np.ndarray, k: int) -> np.ndarray:
         out = np.empty(len(cands))
         step = 32  # candidates per block: (32, n) temporaries stay in cache
-        buf = np.empty((min(step, len(cands)), len(self.y)), self.P.dtype)
+        buf = np.empty((min(step, len(cands)), len(self.y)), self.dtype)
         work = np.empty(buf.shape)
         for a in range(0, len(cands), step):
             c = cands[a:a + step]
@@ -158,7 +163,8 @@ class EnsembleSelection:
     best single candidates; the pick sequence is then cut back to its best score.
     Ties between candidates go to the lower log loss, then the lower index.
     ``metric`` is a key of ``metrics.METRICS``; accuracy, log_loss and f1_macro are
-    vectorised (accuracy and f1_macro hold one sample-major copy of ``P``).
+    vectorised (accuracy and f1_macro hold one sample-major copy of ``P``). ``P`` may
+    be float16, float32 or float64; float16 is summed in float32 (see the module docstring).
 
     Fitted attributes: ``weights_`` (n_candidates,) summing to 1; ``indices_`` the
     kept picks in order; ``all_indices_`` every pick before trimming;
@@ -184,7 +190,7 @@ class EnsembleSelection:
     def fit(self, P: np.ndarray, y: np.ndarray) -> EnsembleSelection:
         """Select from P (n_candidates, n_samples, n_classes) against labels y (n_samples,)."""
         P, y = np.asarray(P), np.asarray(y)
-        if P.dtype not in (np.float32, np.float64):
+        if P.dtype not in (np.float16, np.float32, np.float64):
             P = P.astype(np.float64)
         if P.ndim != 3 or y.shape != (P.shape[1],):
             raise ValueError("need P of shape (candidates, samples, classes) and y of shape (samples,)")

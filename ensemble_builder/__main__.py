@@ -42,8 +42,8 @@ def select(args) -> int:
 
     # The headline: every predictor chosen without the samples it is scored on.
     est = sel.estimate
-    print(f"\ncross-validated {metric} ({sel.how}: the selection re-run without each, scored on the held-out "
-          f"images, pooled over all {len(c.y)}; ± std over folds):")
+    print(f"\ncross-validated {metric} ({sel.how}: the selection, its choice of setting included, re-run "
+          f"without each, scored on the held-out images, pooled over all {len(c.y)}; ± std over folds):")
     label = {"ensemble": f"ensemble ({'= best single' if cv.fallback_ else chosen['name']})",
              "best_single": "best single", f"uniform_top{top}": f"uniform top {top}"}
     print(score_table({label[k]: v["scores"] for k, v in est.items()}, metric,
@@ -62,6 +62,9 @@ def select(args) -> int:
     else:
         print(f"chose {chosen['name']}" + (" (--steps)" if args.steps else "") + f" by CV {metric} ({tried}; "
               "ties go to the lower CV log loss, then the simpler setting)")
+    if cv.nested_choices_:
+        print("without each fold, the selection chose: "
+              + ", ".join(f"fold {f}: {name}" for f, name in cv.nested_choices_.items()))
 
     single = {cid: METRICS[metric][0](c.y, c.P[i]) for i, cid in enumerate(c.ids)}
     table = pd.DataFrame([{"candidate": cid, "weight": w, "arch": c.configs[cid].get("arch"),

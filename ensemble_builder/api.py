@@ -89,6 +89,7 @@ class Selection:
                     cv=dict(splits=self.splits, fold_sizes=np.unique(self.folds, return_counts=True)[1].tolist(),
                             estimate=self.estimate, gain=self.cv_gain, gain_folds=self.cv.gain_folds_,
                             chosen={k: chosen[k] for k in ("name", "steps", "bags")}, settings=self.cv.settings_,
+                            nested_choices={str(f): name for f, name in self.cv.nested_choices_.items()},
                             fallback=self.cv.fallback_, auto=auto, seconds=self.cv_seconds))
 
 

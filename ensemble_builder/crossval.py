@@ -11,9 +11,14 @@ way, so the three are compared on equal terms.
 
 The same estimate picks the selection's greedy step count from a handful of
 values, and falls back to the best single candidate when no blend beats it.
-The chosen setting's score is the best of a few, so it keeps a small
-optimism of its own (nested cross-validation would remove it at K times the
-cost); the comparison with the best single candidate is the honest part.
+The best of a few settings' scores keeps a small optimism of its own, so the
+ensemble's headline score is nested: for each fold, the whole procedure, the
+choice of setting included, runs on the other folds alone (the choice by a
+cross-validation over those), and only the setting it chose blends the
+held-out fold. The selection trained without folds j and k serves the inner
+validation of both outer folds, so nesting costs K(K-1)/2 selections on top
+of the K of the plain estimate. With two folds there is nothing to nest, and
+the chosen setting's score stands.
 """
 from __future__ import annotations
 
@@ -127,8 +132,10 @@ class SelectionCV:
     Fitted: ``settings_`` (dicts: steps, bags, name, pooled ``scores``, per-fold
     ``folds``, their ``mean`` and ``std``), ``chosen_`` (its index there),
     ``fallback_`` (the single candidate won over every blend), ``estimate_``
-    (predictor -> the same dict for ``ensemble`` (the chosen setting),
-    ``best_single`` and ``uniform_top{K}``), ``gain_`` and ``gain_folds_``
+    (predictor -> the same dict for ``ensemble`` (the whole procedure, nested:
+    each fold blended by the setting chosen without it), ``best_single`` and
+    ``uniform_top{K}``), ``nested_choices_`` (fold -> the setting chosen
+    without it; empty when not nested), ``gain_`` and ``gain_folds_``
     (ensemble over best single in ``metric``, positive when better), and
     ``selector_``: the chosen setting refitted on every sample.
     """
@@ -173,6 +180,30 @@ class SelectionCV:
         top_k = np.isin(np.arange(len(P)), order[:top]) / top
         return self._fold_weights(Pt, yt, settings) + [best_single, top_k]
 
+    def _choose(self, settings: list[dict], scores: list[dict]) -> int:
+        """The best setting by ``metric``; ties go to the lower log loss, then the simpler setting."""
+        sign = 1.0 if METRICS[self.metric][1] else -1.0
+        return min(range(len(settings)), key=lambda i: (-sign * scores[i][self.metric], scores[i]["log_loss"],
+                                                         settings[i]["bags"] > 0, settings[i]["steps"]))
+
+    def _inner(self, P: np.ndarray, y: np.ndarray, folds: np.ndarray, settings: list[dict]):
+        """(fold f, each setting's blends of every other fold, selected without f and that fold), per f.
+
+        The selection without folds j and k blends j for outer fold k and k
+        for outer fold j: one selection per pair of folds.
+        """
+        uniq = np.unique(folds)
+        inner = {f: np.zeros((len(settings),) + y.shape + P.shape[2:], np.float32) for f in uniq}
+        for a, j in enumerate(uniq):
+            for k in uniq[a + 1:]:
+                train = np.flatnonzero((folds != j) & (folds != k))
+                weights = self._fold_weights(P.take(train, axis=1), y[train], settings)
+                for f, other in ((k, j), (j, k)):
+                    held = np.flatnonzero(folds == other)
+                    for i, w in enumerate(weights):
+                        inner[f][i, held] = blend(P, w, held)
+        return inner.items()
+
     def fit(self, P: np.ndarray, y: np.ndarray, folds: np.ndarray) -> SelectionCV:
         """Cross-validate on P (candidates, samples, classes), labels y and a fold per sample, then refit."""
         P, y, folds = np.asarray(P), np.asarray(y), np.asarray(folds)
@@ -189,19 +220,29 @@ class SelectionCV:
             for i, w in enumerate(self._fold(P, y, np.flatnonzero(folds != f), settings, rank, top)):
                 pooled[i, held] = blend(P, w, held)
 
+        pair = (self.metric, "log_loss")
         for i, s in enumerate(settings):
-            s.update(spread(y, pooled[i], folds, self.metric, dict.fromkeys((self.metric, "log_loss"))))
-        sign = 1.0 if METRICS[self.metric][1] else -1.0
-        self.chosen_ = min(range(len(settings)), key=lambda i: (
-            -sign * settings[i]["scores"][self.metric], settings[i]["scores"]["log_loss"],
-            settings[i]["bags"] > 0, settings[i]["steps"]))
+            s.update(spread(y, pooled[i], folds, self.metric, dict.fromkeys(pair)))
+        self.chosen_ = self._choose(settings, [s["scores"] for s in settings])
         self.settings_ = settings
         chosen = settings[self.chosen_]
         self.fallback_ = self.fallback and (chosen["steps"], chosen["bags"]) == (1, 0) and len(settings) > 1
+
+        # The ensemble's estimate: each fold blended by the setting chosen without it (nested).
+        ensemble = pooled[self.chosen_]
+        self.nested_choices_ = {}
+        if len(settings) > 1 and len(np.unique(folds)) > 2:
+            ensemble = np.empty_like(ensemble)
+            for f, inner in self._inner(P, y, folds, settings):
+                rest, held = folds != f, folds == f
+                c = self._choose(settings, [metric_scores(y[rest], b[rest], pair) for b in inner])
+                ensemble[held] = pooled[c, held]
+                self.nested_choices_[int(f)] = settings[c]["name"]
         # ROC AUC (one sklearn call per class) only when it is the objective: it costs more than a selection
         names = [n for n in METRICS if n != "roc_auc" or n == self.metric]
-        self.estimate_ = {name: spread(y, pooled[i], folds, self.metric, names) for name, i in
-                          (("ensemble", self.chosen_), ("best_single", -2), (f"uniform_top{top}", -1))}
+        self.estimate_ = {name: spread(y, blends, folds, self.metric, names) for name, blends in
+                          (("ensemble", ensemble), ("best_single", pooled[-2]), (f"uniform_top{top}", pooled[-1]))}
+        sign = 1.0 if METRICS[self.metric][1] else -1.0
         ens, single = self.estimate_["ensemble"], self.estimate_["best_single"]
         self.gain_ = sign * (ens["scores"][self.metric] - single["scores"][self.metric])
         self.gain_folds_ = [sign * (a - b) for a, b in zip(ens["folds"], single["folds"], strict=True)]

@@ -305,12 +305,16 @@ def cv_section(ens: dict) -> str:
                if cv.get("fallback") else f"Chosen: {esc(cv.get('chosen', {}).get('name', '?'))}"
                + ("" if cv.get("auto", True) else " (as given, --no-auto)") + ".")
     return ("<h3>Cross-validated scores</h3>"
-            f"<p class='muted'>Over {how}: each fold is held out in turn, the selection (and the best single "
-            "candidate, and the top-K mean) is chosen on the other folds and scored on the held-out images; "
+            f"<p class='muted'>Over {how}: each fold is held out in turn, the selection (its setting "
+            "included, chosen by a cross-validation over the other folds), the best single candidate and the "
+            "top-K mean are chosen on the other folds and scored on the held-out images; "
             f"scores are pooled over all {sum(folds)} images. CV gain over the best single candidate: "
             f"<b>{cv.get('gain', 0):+.4f}</b> {esc(metric)}"
             + (" (a reduction: lower is better)" if metric == "log_loss" else "") + f". {verdict}</p>"
             + table(rows, left={""})
+            + ("<p class='muted'>Without each fold, the selection chose: "
+               + esc(", ".join(f"fold {f}: {n}" for f, n in cv["nested_choices"].items())) + ".</p>"
+               if cv.get("nested_choices") else "")
             + "<details><summary>selection settings tried (ties go to the lower CV log loss, then the simpler "
               "setting)</summary>" + table(settings, left={"setting"}, row_class=chosen) + "</details>")
 

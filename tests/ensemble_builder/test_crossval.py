@@ -108,6 +108,50 @@ def test_overfitting_selection_gains_less_under_cross_validation(seed):
     assert cv.estimate_["ensemble"]["scores"]["accuracy"] < in_sample - 0.15
 
 
+def test_nested_estimate_blends_each_fold_with_the_setting_chosen_without_it():
+    P, y = independent(m=10, n=240, quality=0.6, seed=5)
+    folds = np.arange(240) % 4
+    cv = SelectionCV("accuracy", top=3).fit(P, y, folds)
+    pooled = np.empty((240, 4))
+    for f in range(4):
+        rest, held = folds != f, folds == f
+        inner = SelectionCV("accuracy", top=3).fit(P[:, rest], y[rest], folds[rest])   # the whole procedure
+        chosen = inner.settings_[inner.chosen_]
+        assert cv.nested_choices_[f] == chosen["name"]
+        if chosen["name"] == "best single":
+            w = np.eye(len(P))[rank_candidates(P[:, rest], y[rest], "accuracy")[0]]
+        else:
+            w = EnsembleSelection(chosen["steps"], "accuracy").fit(P[:, rest], y[rest]).weights_
+        pooled[held] = np.tensordot(w, P[:, held], axes=1)
+    ens = cv.estimate_["ensemble"]
+    assert ens["scores"]["accuracy"] == pytest.approx(accuracy(y, pooled))
+    assert ens["folds"] == pytest.approx([accuracy(y[folds == f], pooled[folds == f]) for f in range(4)])
+    single = cv.estimate_["best_single"]["scores"]["accuracy"]
+    assert cv.gain_ == pytest.approx(accuracy(y, pooled) - single)
+
+
+def test_nested_estimate_takes_out_the_optimism_of_choosing_the_setting():
+    # 30 weak candidates, 60 images: the best of five settings' CV scores is luckier than the procedure.
+    plain, nested = [], []
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        y = np.arange(60) % 2
+        P = softmax(0.4 * np.eye(2)[y] + rng.normal(size=(30, 60, 2)))
+        cv = SelectionCV("accuracy").fit(P, y, np.arange(60) % 5)
+        single = cv.estimate_["best_single"]["scores"]["accuracy"]
+        plain.append(cv.settings_[cv.chosen_]["scores"]["accuracy"] - single)
+        nested.append(cv.gain_)
+        assert len(set(cv.nested_choices_.values())) >= 1 and set(cv.nested_choices_) == set(range(5))
+    assert np.mean(nested) < np.mean(plain) - 0.01
+
+
+def test_two_folds_are_not_nested():
+    P, y = independent(m=6, n=200)
+    cv = SelectionCV("accuracy").fit(P, y, np.arange(200) % 2)
+    assert cv.nested_choices_ == {}
+    assert cv.estimate_["ensemble"]["scores"]["accuracy"] == cv.settings_[cv.chosen_]["scores"]["accuracy"]
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_falls_back_to_the_single_model_when_no_blend_helps(seed):
     P, y = one_strong(seed=seed)
@@ -172,6 +216,7 @@ def test_select_prints_the_estimate_first_and_writes_both(tmp_path, capsys):
     assert head < out.index("members:") < out.index("in-sample out-of-fold scores, optimistic")
     assert "CV gain over the best single candidate: +" in out and "chose " in out
     assert "in-sample gain over the best single candidate" in out
+    assert "without each fold, the selection chose: fold 0: " in out
 
     report = json.loads((exp / "ensemble" / "ensemble.json").read_text())
     assert set(report["scores"]) == {"ensemble", "best_single", "uniform_top5"}   # in-sample, as before
@@ -255,6 +300,8 @@ def test_report_shows_the_estimate_as_the_headline(tmp_path, capsys):
     html = cv_section(ens)
     assert html.startswith("<h3>Cross-validated scores</h3>") and "the experiment's 5 folds" in html
     assert f"Chosen: {ens['cv']['chosen']['name']}." in html and html.count("class='best'") == 1
+    assert len(ens["cv"]["nested_choices"]) == 5
+    assert "Without each fold, the selection chose: fold 0: " in html
     assert fig_trajectory(ens).startswith(b"\x89PNG")
     del ens["cv"]   # an ensemble.json from before: no estimate, nothing claimed
     assert cv_score(ens, "ensemble") is None and fig_trajectory(ens).startswith(b"\x89PNG")

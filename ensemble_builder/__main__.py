@@ -111,7 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--steps", type=int, help="greedy steps, picks with replacement (default: chosen by "
                    f"cross-validation from {', '.join(map(str, STEPS_GRID))})")
     s.add_argument("--init", type=int, default=1, help="start from the best N candidates (sorted initialisation)")
-    s.add_argument("--bags", type=int, default=0, help="bag the selection over this many random halves (default: off)")
+    s.add_argument("--bags", type=int, default=0,
+                   help="also try the selection bagged over this many random halves; the cross-validated estimate "
+                   "turns bagging on or off (default: off; with --no-auto: on)")
     s.add_argument("--seed", type=int, default=0, help="random seed of bagging and of the random splits")
     s.add_argument("--no-auto", action="store_true",
                    help=f"select with --steps (default {api.DEFAULT_STEPS}) and --bags as given: no choice of the "

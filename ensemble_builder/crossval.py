@@ -157,8 +157,14 @@ class SelectionCV:
                                  max_members=self.max_members, bags=bags, random_state=self.random_state)
 
     def _settings(self) -> list[dict]:
-        """The settings tried, simplest first; one step unbagged is the best single candidate."""
-        pairs = ([(1, 0)] if self.fallback else []) + [(s, self.bags) for s in sorted(set(self.steps))]
+        """The settings tried, simplest first; one step unbagged is the best single candidate.
+
+        With ``bags``, each step count is tried bagged and (when choosing, with
+        ``fallback``) unbagged too, so the estimate turns bagging on or off.
+        """
+        steps = sorted(set(self.steps))
+        plain = [(s, 0) for s in steps] if self.fallback or not self.bags else []
+        pairs = ([(1, 0)] if self.fallback else []) + plain + [(s, self.bags) for s in steps if self.bags]
         return [dict(steps=s, bags=b, name="best single" if (s, b) == (1, 0) else
                      f"{s} step{'s' * (s > 1)}" + (f", {b} bags" if b else ""))
                 for s, b in dict.fromkeys(pairs)]

@@ -185,10 +185,15 @@ def test_bagged_settings_are_fitted_as_given():
     P, y = independent(m=8, n=200)
     folds = np.arange(200) % 4
     cv = SelectionCV("log_loss", steps=(5, 20), bags=3, random_state=1).fit(P, y, folds)
-    assert [s["name"] for s in cv.settings_] == ["best single", "5 steps, 3 bags", "20 steps, 3 bags"]
+    assert [s["name"] for s in cv.settings_] == ["best single", "5 steps", "20 steps", "5 steps, 3 bags",
+                                                 "20 steps, 3 bags"]    # bagging on or off: the estimate picks
+    best = max(cv.settings_, key=lambda s: (-s["scores"]["log_loss"]))
+    assert cv.settings_[cv.chosen_] is best
     chosen = cv.settings_[cv.chosen_]
     expect = EnsembleSelection(chosen["steps"], "log_loss", bags=chosen["bags"], random_state=1).fit(P, y)
     assert np.array_equal(cv.selector_.weights_, expect.weights_)
+    given = SelectionCV("log_loss", steps=(20,), bags=3, fallback=False).fit(P, y, folds)   # --no-auto: as given
+    assert [s["name"] for s in given.settings_] == ["20 steps, 3 bags"]
 
 
 # --- the CLI -------------------------------------------------------------------------
@@ -253,10 +258,13 @@ def test_select_given_steps_are_kept(tmp_path, capsys):
     exp = write_experiment(tmp_path / "exp", P, y, np.arange(200) % 4)
     assert main(["select", "--experiment", str(exp), "--steps", "7", "--bags", "2", "--metric", "log_loss"]) == 0
     out = capsys.readouterr().out
-    assert "chose 7 steps, 2 bags (--steps)" in out and "(a reduction: lower is better)" in out
     report = json.loads((exp / "ensemble" / "ensemble.json").read_text())
-    assert [s["name"] for s in report["cv"]["settings"]] == ["best single", "7 steps, 2 bags"]
-    assert (report["steps"], report["bags"], report["metric"]) == (7, 2, "log_loss")
+    assert f"chose {report['cv']['chosen']['name']} (--steps)" in out and "(a reduction: lower is better)" in out
+    settings = report["cv"]["settings"]
+    assert [s["name"] for s in settings] == ["best single", "7 steps", "7 steps, 2 bags"]   # bagging on or off
+    best = min(settings, key=lambda s: s["scores"]["log_loss"])
+    assert report["cv"]["chosen"]["name"] == best["name"] and report["metric"] == "log_loss"
+    assert (report["steps"], report["bags"]) in ((7, 0), (7, 2))
 
 
 def test_holdout_only_candidates_use_random_stratified_splits(tmp_path, capsys):

@@ -10,6 +10,8 @@ from trainer import storage
 from trainer.errors import BadInput
 from trainer.experiment import Experiment, TrialContext
 
+_LOST_CHECKPOINT = "does not exist on storage anymore"   # Ray's restore error for a deleted checkpoint
+
 
 def resume(experiment: Experiment, task_name: str, res: Resources, cache_dir: str, start_ray,
            crossfit_top: int | None = None, tta: bool = True, crossfit_by: str | None = None) -> int:
@@ -35,5 +37,16 @@ def resume(experiment: Experiment, task_name: str, res: Resources, cache_dir: st
     ctx = TrialContext.from_dict({**meta["context"], "experiment": experiment.location})
     tuner = tune.Tuner.restore(root, trainable(ctx, res), resume_unfinished=True, resume_errored=True,
                                storage_filesystem=fs)
-    trials = finish_search(experiment, tuner.fit(), meta["metric"], meta["budget"]["max_epochs"], start, cache_dir)
+    grid = tuner.fit()
+    # Keeping one checkpoint per trial, Ray deletes the one it replaces before its next
+    # snapshot of the experiment: a driver killed in between leaves a trial that points at a
+    # deleted checkpoint, and its restore fails. Such a trial starts again from its first epoch.
+    lost = [r for r in grid if r.error is not None and _LOST_CHECKPOINT in str(r.error)]
+    if lost:
+        print(f"{len(lost)} trial(s) pointed at a checkpoint that Ray had replaced just before the driver "
+              "died; starting them again from their first epoch", flush=True)
+        tuner = tune.Tuner.restore(root, trainable(ctx, res), resume_unfinished=True, restart_errored=True,
+                                   storage_filesystem=fs)
+        grid = tuner.fit()
+    trials = finish_search(experiment, grid, meta["metric"], meta["budget"]["max_epochs"], start, cache_dir)
     return 1 if trials is None else crossfit(experiment, res, crossfit_top, tta, crossfit_by)

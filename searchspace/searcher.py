@@ -30,7 +30,16 @@ class TruthfulOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.max_t = max_t
 
+    def on_trial_result(self, trial_id: str, result: dict):
+        if trial_id in self._ot_trials:   # else: told already (see on_trial_complete)
+            super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if trial_id not in self._ot_trials:
+            # Told already and its handle dropped: a trial started again from its first epoch
+            # on --resume, after its restore failed and the study recorded it as FAIL.
+            logger.info("trial %s: the study was told its outcome already", trial_id)
+            return
         try:
             self._tell(trial_id, result, error)
         finally:

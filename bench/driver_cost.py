@@ -29,10 +29,12 @@ Ray's own processes on the head node (gcs_server, raylet) are measured by
 their CPU seconds over the run (psutil) for context: they are driver-side
 cost too, though not in the driver's process.
 
-Side by side (``--compare``): the same search with the searcher as it was
-before the fix ("before": ``TruthfulOptunaSearch`` kept every told trial's
-Optuna handle, which Tune pickles into each experiment snapshot) against the
-code as it is ("now").
+Side by side (``--compare``): the same search as the code was before the
+two fixes ("before": ``TruthfulOptunaSearch`` kept every told trial's Optuna
+handle, which Tune pickles into each experiment snapshot; and Ray deleted
+superseded checkpoints itself, ``num_to_keep=1``, which makes it snapshot the
+whole experiment at every trial checkpoint) against the code as it is ("now":
+``storage_policy.KeepLatest`` deletes them, Ray snapshots on its own period).
 
 ``--keep-all``: the same search with Tune keeping every checkpoint
 (``CheckpointConfig(num_to_keep=None)``), so that no trial checkpoint forces
@@ -157,6 +159,16 @@ def child(spec: dict) -> dict:
             return self._tell(trial_id, result, error)
 
         searcher.TruthfulOptunaSearch.on_trial_complete = keep_handles
+        # and Ray deleted the superseded checkpoints itself (num_to_keep=1), snapshotting the
+        # whole experiment at every trial checkpoint; KeepLatest does it now, without them
+        import ray.tune
+
+        from searchspace.storage_policy import KeepLatest
+
+        run_config = ray.tune.RunConfig
+        ray.tune.RunConfig = lambda **kw: run_config(**{
+            **kw, "checkpoint_config": ray.tune.CheckpointConfig(num_to_keep=1),
+            "callbacks": [c for c in kw.get("callbacks", []) if not isinstance(c, KeepLatest)]})
     elif spec["variant"] == "keep-all":
         # Tune keeps every checkpoint (num_to_keep=None) and so never forces an experiment snapshot
         # when a trial checkpoints: what those snapshots cost (a measurement, not a setting to ship).

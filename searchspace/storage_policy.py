@@ -14,11 +14,18 @@ rest of a checkpoint is kept only while it can still matter:
   (``candidates/cv-*/folds/<k>/``) hold those weights, and a rerun of the
   cross-fit trains an unfinished fold from the start.
 
-``--keep-checkpoints`` keeps everything.
+- a search trial's superseded checkpoints (``checkpoint_*`` folders older
+  than the one its candidate came from): during the search ``KeepLatest``
+  deletes them as newer ones arrive; what a resume or a retry left goes here.
+
+``--keep-checkpoints`` keeps everything the search left.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pandas as pd
+from ray.tune import Callback
 
 from trainer import storage
 from trainer.experiment import MODEL_FILE, TRAIN_STATE_FILE, Checkpoint, Experiment
@@ -36,6 +43,10 @@ def prune(experiment: Experiment, trials: pd.DataFrame | None = None) -> dict:
         doomed.append(checkpoint.file(TRAIN_STATE_FILE))
         if cross_fitted and not row.completed:
             doomed.append(checkpoint.model)
+        kept = checkpoint.location[len(experiment.location.rstrip("/")) + 1:].rstrip("/")
+        trial_dir = kept.rsplit("/", 1)[0]
+        doomed += [experiment.file(rel) for rel in sizes
+                   if rel.startswith(trial_dir + "/checkpoint_") and not rel.startswith(kept + "/")]
     doomed += [experiment.file(rel) for rel in sizes
                if rel.startswith("crossfit-") and rel.rsplit("/", 1)[-1] in (MODEL_FILE, TRAIN_STATE_FILE)]
     freed, removed = 0, 0
@@ -56,3 +67,36 @@ def rebase(experiment: Experiment):
     def here(location: str) -> str:
         return now + location[len(origin):] if location.startswith(origin + "/") else location
     return here
+
+
+class KeepLatest(Callback):
+    """Deletes a search trial's superseded checkpoints as newer ones arrive, keeping the newest ``keep``.
+
+    Ray does this itself with ``CheckpointConfig(num_to_keep)``, but then it
+    snapshots the whole experiment state, every trial so far, each time a trial
+    checkpoints: O(trials) of driver time per checkpoint, quadratic over a
+    search (bench/driver_cost.py). Here Ray keeps every checkpoint it knows of,
+    takes its snapshots on its own period, and this callback deletes the old
+    ones. Keeping two leaves Ray's last snapshot a checkpoint behind before it
+    names a deleted one; a driver killed even later leaves a trial that
+    ``--resume`` runs again from its first epoch (searchspace.resume).
+    """
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self.kept: dict[str, list] = {}   # trial id -> its checkpoints, oldest first
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        kept = self.kept.setdefault(trial.trial_id, [])
+        kept.append(checkpoint)
+        while len(kept) > self.keep:
+            _delete(kept.pop(0))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        for checkpoint in self.kept.pop(trial.trial_id, [])[:-1]:   # its final one stays: its candidate
+            _delete(checkpoint)
+
+
+def _delete(checkpoint) -> None:
+    with contextlib.suppress(OSError):   # gone already (a resumed trial's older one): nothing to free
+        checkpoint.filesystem.delete_dir(checkpoint.path)

@@ -90,6 +90,7 @@ def build_tuner(task, ctx: TrialContext, b: dict, archs: dict, res: Resources, s
 
     from searchspace.progress import Progress
     from searchspace.searcher import TruthfulOptunaSearch
+    from searchspace.storage_policy import KeepLatest
 
     experiment = Experiment(ctx.experiment)
     metric, mode = task.METRIC, mode_of(task.METRIC)
@@ -119,11 +120,11 @@ def build_tuner(task, ctx: TrialContext, b: dict, archs: dict, res: Resources, s
                                     num_samples=b["trials"], reuse_actors=True),
         run_config=tune.RunConfig(
             name=name, storage_path=parent, storage_filesystem=fs, verbose=0,
-            callbacks=[Progress(metric, mode, b["max_epochs"], b["trials"])],
-            # The latest checkpoint only: a retry resumes from it, a trial's candidate is its
-            # final epoch (never an epoch picked on the holdout), and a completed trial's
-            # final checkpoint is fold 0 of its cross-fit.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # The latest checkpoints only: a retry resumes from the last, a trial's candidate is
+            # its final epoch (never an epoch picked on the holdout), and a completed trial's
+            # final checkpoint is fold 0 of its cross-fit. KeepLatest deletes the older ones, not
+            # Ray (num_to_keep would make Ray snapshot every trial at every checkpoint).
+            callbacks=[Progress(metric, mode, b["max_epochs"], b["trials"]), KeepLatest()],
             failure_config=tune.FailureConfig(max_failures=res.max_failures)))
 
 

@@ -91,3 +91,37 @@ def test_a_moved_experiment_is_pruned_where_it_is_and_the_original_is_left_alone
     assert freed["files"] > 0 and freed["bytes"] > 0
     assert files(moved, "train_state.pt") == []
     assert sorted(p.relative_to(runs / "kept") for p in (runs / "kept").rglob("*.pt")) == before
+
+
+def checkpoint_dirs(exp: Path) -> dict[str, list[str]]:
+    """{search trial folder: its checkpoint_* folders that hold files}."""
+    return {d.name: sorted(c.name for c in d.glob("checkpoint_*") if any(c.iterdir()))
+            for d in exp.glob("train_trial_*") if d.is_dir()}
+
+
+@pytest.mark.parametrize("name", ["pruned", "kept"])
+def test_a_trial_keeps_only_the_checkpoint_of_its_candidate(searched, name):
+    # KeepLatest deleted the superseded ones during the search (Ray keeps them all, so it never
+    # snapshots the whole experiment at each checkpoint); --keep-checkpoints does not bring them back.
+    runs, _, _ = searched
+    trials = pd.read_parquet(runs / name / "trials.parquet")
+    dirs = checkpoint_dirs(runs / name)
+    assert len(dirs) == len(trials)
+    for row in trials.itertuples():
+        ckpt = Path(row.checkpoint)
+        assert dirs[ckpt.parent.name] == [ckpt.name], (row.trial_id, dirs[ckpt.parent.name])
+    assert (trials["epochs_run"] > 1).any()   # some trial did supersede a checkpoint
+
+
+def test_prune_removes_checkpoints_a_resume_left_behind(searched, tmp_path):
+    runs, _, _ = searched
+    moved = Path(shutil.copytree(runs / "kept", tmp_path / "moved"))
+    from searchspace.storage_policy import prune
+    from trainer.experiment import Experiment
+
+    row = pd.read_parquet(moved / "trials.parquet").iloc[0]
+    kept = moved / Path(row.checkpoint).parent.name / Path(row.checkpoint).name
+    stale = shutil.copytree(kept, kept.parent / "checkpoint_000099")   # one a resumed trial no longer names
+    prune(Experiment(str(moved)))
+    assert not any(p.is_file() for p in stale.rglob("*"))
+    assert (kept / "holdout.parquet").exists() and (kept / "config.json").exists()

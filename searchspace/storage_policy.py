@@ -16,7 +16,8 @@ rest of a checkpoint is kept only while it can still matter:
 
 - a search trial's superseded checkpoints (``checkpoint_*`` folders older
   than the one its candidate came from): during the search ``KeepLatest``
-  deletes them as newer ones arrive; what a resume or a retry left goes here.
+  deletes them once no snapshot of the experiment names them; what a resume
+  left goes here.
 
 ``--keep-checkpoints`` keeps everything the search left.
 """
@@ -70,31 +71,44 @@ def rebase(experiment: Experiment):
 
 
 class KeepLatest(Callback):
-    """Deletes a search trial's superseded checkpoints as newer ones arrive, keeping the newest ``keep``.
+    """Deletes a search trial's superseded checkpoints, once no snapshot of the experiment can name them.
 
     Ray does this itself with ``CheckpointConfig(num_to_keep)``, but then it
     snapshots the whole experiment state, every trial so far, each time a trial
     checkpoints: O(trials) of driver time per checkpoint, quadratic over a
-    search (bench/driver_cost.py). Here Ray keeps every checkpoint it knows of,
-    takes its snapshots on its own period, and this callback deletes the old
-    ones. Keeping two leaves Ray's last snapshot a checkpoint behind before it
-    names a deleted one; a driver killed even later leaves a trial that
-    ``--resume`` runs again from its first epoch (searchspace.resume).
+    search (bench/driver_cost.py). Here Ray keeps every checkpoint it knows of
+    and snapshots on its own period. A checkpoint is superseded when its trial
+    reports a newer one (or ends with a newer one); Ray calls ``get_state``
+    while it writes each snapshot, after the trials' states, so what was
+    superseded before one snapshot is deleted at the next: by then the
+    previous snapshot, which names only newer checkpoints, has been written
+    too. A resumed search never restores from a deleted checkpoint.
     """
 
-    def __init__(self, keep: int = 2):
-        self.keep = keep
-        self.kept: dict[str, list] = {}   # trial id -> its checkpoints, oldest first
+    def __init__(self):
+        self.latest: dict[str, object] = {}   # trial id -> its newest checkpoint
+        self.superseded: list = []            # since the last snapshot
+        self.named_by_none: list = []         # superseded before the last snapshot: deleted at the next
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        kept = self.kept.setdefault(trial.trial_id, [])
-        kept.append(checkpoint)
-        while len(kept) > self.keep:
-            _delete(kept.pop(0))
+        old = self.latest.get(trial.trial_id)
+        if old is not None:
+            self.superseded.append(old)
+        self.latest[trial.trial_id] = checkpoint
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        for checkpoint in self.kept.pop(trial.trial_id, [])[:-1]:   # its final one stays: its candidate
+        self.latest.pop(trial.trial_id, None)   # its final checkpoint stays: its candidate
+
+    def get_state(self):
+        for checkpoint in self.named_by_none:
             _delete(checkpoint)
+        self.named_by_none, self.superseded = self.superseded, []
+        return None   # nothing to restore: a resumed search starts with nothing to delete
+
+    def on_experiment_end(self, trials, **info):
+        for checkpoint in self.named_by_none + self.superseded:
+            _delete(checkpoint)
+        self.named_by_none, self.superseded = [], []
 
 
 def _delete(checkpoint) -> None:

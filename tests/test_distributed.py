@@ -386,7 +386,9 @@ def _kill_mid_search(tmp_path: Path, ray_tmp: str, argv: list[str], max_epochs: 
     # The driver starts its own local Ray (ray.init() in start_ray); RAY_TMPDIR keeps
     # that Ray's files and address file in ray_tmp. Every process it starts inherits
     # the marker, which is how the test finds leftovers after the kill.
-    env = driver_env(RAY_TMPDIR=ray_tmp, SEARCHSPACE_TEST_DRIVER=token)
+    # TUNE_GLOBAL_CHECKPOINT_S=0: Tune snapshots the experiment at every step of its loop, not
+    # every ~10 s, so that its stored state catches these second-long trials mid-search.
+    env = driver_env(RAY_TMPDIR=ray_tmp, SEARCHSPACE_TEST_DRIVER=token, TUNE_GLOBAL_CHECKPOINT_S="0")
     os.makedirs(os.path.join(ray_tmp, "ray"), exist_ok=True)
     log = tmp_path / "driver.log"
     proc = start_driver(argv, log, tmp_path, env)

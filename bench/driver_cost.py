@@ -165,10 +165,13 @@ def child(spec: dict) -> dict:
 
         from searchspace.storage_policy import KeepLatest
 
-        run_config = ray.tune.RunConfig
-        ray.tune.RunConfig = lambda **kw: run_config(**{
-            **kw, "checkpoint_config": ray.tune.CheckpointConfig(num_to_keep=1),
-            "callbacks": [c for c in kw.get("callbacks", []) if not isinstance(c, KeepLatest)]})
+        class RunConfig(ray.tune.RunConfig):   # a subclass: Tune checks the type
+            def __init__(self, **kw):
+                super().__init__(**{**kw, "checkpoint_config": ray.tune.CheckpointConfig(num_to_keep=1),
+                                    "callbacks": [c for c in kw.get("callbacks", [])
+                                                  if not isinstance(c, KeepLatest)]})
+
+        ray.tune.RunConfig = RunConfig
     elif spec["variant"] == "keep-all":
         # Tune keeps every checkpoint (num_to_keep=None) and so never forces an experiment snapshot
         # when a trial checkpoints: what those snapshots cost (a measurement, not a setting to ship).

@@ -38,9 +38,9 @@ def resume(experiment: Experiment, task_name: str, res: Resources, cache_dir: st
     tuner = tune.Tuner.restore(root, trainable(ctx, res), resume_unfinished=True, resume_errored=True,
                                storage_filesystem=fs)
     grid = tuner.fit()
-    # Keeping one checkpoint per trial, Ray deletes the one it replaces before its next
-    # snapshot of the experiment: a driver killed in between leaves a trial that points at a
-    # deleted checkpoint, and its restore fails. Such a trial starts again from its first epoch.
+    # A trial whose stored state names a checkpoint already deleted (a search of older code, where
+    # Ray's num_to_keep deleted it before its next snapshot; or a snapshot that never reached a
+    # bucket before the driver died) cannot be restored: it starts again from its first epoch.
     lost = [r for r in grid if r.error is not None and _LOST_CHECKPOINT in str(r.error)]
     if lost:
         print(f"{len(lost)} trial(s) pointed at a checkpoint that Ray had replaced just before the driver "

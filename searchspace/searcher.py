@@ -44,9 +44,8 @@ class TruthfulOptunaSearch(OptunaSearch):
             self._tell(trial_id, result, error)
         finally:
             # A told trial's Optuna handle is never used again (the study holds the trial), but
-            # Tune pickles this searcher's __dict__ into every experiment snapshot, and with
-            # num_to_keep=1 it snapshots whenever a trial checkpoints: kept handles made each
-            # snapshot cost O(trials so far), ~110 ms at 1,000 trials (bench/driver_cost.py).
+            # Tune pickles this searcher's __dict__ into every experiment snapshot: kept handles
+            # made each snapshot cost O(trials so far), ~110 ms at 1,000 trials (bench/driver_cost.py).
             self._ot_trials.pop(trial_id, None)
 
     def _tell(self, trial_id: str, result: dict | None, error: bool) -> None:

@@ -82,7 +82,9 @@ class KeepLatest(Callback):
     while it writes each snapshot, after the trials' states, so what was
     superseded before one snapshot is deleted at the next: by then the
     previous snapshot, which names only newer checkpoints, has been written
-    too. A resumed search never restores from a deleted checkpoint.
+    too (and, on a bucket, uploaded unless that took a whole period). Should a
+    resumed trial still name a deleted checkpoint, searchspace.resume runs it
+    again from its first epoch.
     """
 
     def __init__(self):

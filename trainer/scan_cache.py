@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 
 FILE_NAME = "image_checks.sqlite"
 _BATCH = 500  # locations per SELECT ... IN (...): well under sqlite's variable limit
+_TIMEOUT_S = 600  # how long a process waits for another one's lock before it gives up
 
 Identity = tuple[int, int]  # (size in bytes, mtime in ns)
 
@@ -41,7 +43,23 @@ class CheckCache:
             self.db = self._open()
 
     def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=600)
+        # Switching a new file to WAL can answer "database is locked" at once,
+        # without sqlite's busy handler, while another process is switching it
+        # too (CI saw it with two scans started together): retry until the timeout.
+        deadline = time.monotonic() + _TIMEOUT_S
+        while True:
+            db = sqlite3.connect(self.path, timeout=_TIMEOUT_S)
+            try:
+                self._set_up(db)
+                return db
+            except sqlite3.OperationalError as e:
+                db.close()
+                if ("locked" not in str(e) and "busy" not in str(e)) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    @staticmethod
+    def _set_up(db: sqlite3.Connection) -> None:
         # WAL + NORMAL: a commit appends to the log without an fsync (one at each
         # checkpoint), so a scan does not wait on the disk behind other writers;
         # a power cut can lose the last commits, never corrupt the file.
@@ -50,7 +68,6 @@ class CheckCache:
         with db:
             db.execute("CREATE TABLE IF NOT EXISTS checks (location TEXT PRIMARY KEY, size INTEGER NOT NULL, "
                        "mtime_ns INTEGER NOT NULL, version INTEGER NOT NULL, reason TEXT) WITHOUT ROWID")
-        return db
 
     def known(self, locations: list[str], identities: list[Identity | None]) -> dict[int, str | None]:
         """{index: reason, None for ok} for every location whose identity matches its stored verdict."""

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import numpy as np
 from sklearn.model_selection import KFold, StratifiedKFold
 
-from ensemble_builder.selection import EnsembleSelection
+from ensemble_builder.selection import EnsembleSelection, prepare
 from trainer.metrics import METRICS, mean_nll
 
 STEPS_GRID = (5, 10, 25, 50)   # greedy step counts tried when the user gives none
@@ -169,22 +169,22 @@ class SelectionCV:
                      f"{s} step{'s' * (s > 1)}" + (f", {b} bags" if b else ""))
                 for s, b in dict.fromkeys(pairs)]
 
-    def _fold_weights(self, P: np.ndarray, y: np.ndarray, settings: list[dict]) -> list[np.ndarray]:
-        """Each setting's weights, selected on these samples."""
+    def _fold_weights(self, scorer, settings: list[dict]) -> list[np.ndarray]:
+        """Each setting's weights, selected on the samples of ``scorer`` (``selection.prepare``)."""
         unbagged = [s["steps"] for s in settings if not s["bags"]]
-        run = self._selector(max(unbagged), 0).fit(P, y) if unbagged else None
+        run = self._selector(max(unbagged), 0).fit_prepared(scorer) if unbagged else None
         # A bag cuts back to its own best step, which the long run does not record: one fit each.
         return [prefix_weights(run, s["steps"]) if not s["bags"] else
-                self._selector(s["steps"], s["bags"]).fit(P, y).weights_ for s in settings]
+                self._selector(s["steps"], s["bags"]).fit_prepared(scorer).weights_ for s in settings]
 
-    def _fold(self, P: np.ndarray, y: np.ndarray, train: np.ndarray, settings: list[dict], rank: Callable,
+    def _fold(self, scorer, train: np.ndarray, settings: list[dict], rank: Callable,
               top: int) -> list[np.ndarray]:
         """Every predictor's weights, chosen on the training samples only: the settings, best single, top K."""
-        Pt, yt = P.take(train, axis=1), y[train]   # take: C-contiguous, as the scorer wants
         order = rank(train)
-        best_single = np.eye(len(P))[order[0]]
-        top_k = np.isin(np.arange(len(P)), order[:top]) / top
-        return self._fold_weights(Pt, yt, settings) + [best_single, top_k]
+        m = len(order)
+        best_single = np.eye(m)[order[0]]
+        top_k = np.isin(np.arange(m), order[:top]) / top
+        return self._fold_weights(scorer.subset(train), settings) + [best_single, top_k]
 
     def _choose(self, settings: list[dict], scores: list[dict]) -> int:
         """The best setting by ``metric``; ties go to the lower log loss, then the simpler setting."""
@@ -192,7 +192,7 @@ class SelectionCV:
         return min(range(len(settings)), key=lambda i: (-sign * scores[i][self.metric], scores[i]["log_loss"],
                                                          settings[i]["bags"] > 0, settings[i]["steps"]))
 
-    def _inner(self, P: np.ndarray, y: np.ndarray, folds: np.ndarray, settings: list[dict]):
+    def _inner(self, P: np.ndarray, y: np.ndarray, folds: np.ndarray, settings: list[dict], scorer):
         """(fold f, each setting's blends of every other fold, selected without f and that fold), per f.
 
         The selection without folds j and k blends j for outer fold k and k
@@ -203,7 +203,7 @@ class SelectionCV:
         for a, j in enumerate(uniq):
             for k in uniq[a + 1:]:
                 train = np.flatnonzero((folds != j) & (folds != k))
-                weights = self._fold_weights(P.take(train, axis=1), y[train], settings)
+                weights = self._fold_weights(scorer.subset(train), settings)
                 for f, other in ((k, j), (j, k)):
                     held = np.flatnonzero(folds == other)
                     for i, w in enumerate(weights):
@@ -221,9 +221,10 @@ class SelectionCV:
         top = min(self.top, len(P))
         pooled = np.zeros((len(settings) + 2,) + y.shape + P.shape[2:])  # settings, best single, top K
         rank = ranker(P, y, self.metric)
+        scorer = prepare(P, y, self.metric)   # the selections on subsets gather from its set-up
         for f in np.unique(folds):
             held = np.flatnonzero(folds == f)
-            for i, w in enumerate(self._fold(P, y, np.flatnonzero(folds != f), settings, rank, top)):
+            for i, w in enumerate(self._fold(scorer, np.flatnonzero(folds != f), settings, rank, top)):
                 pooled[i, held] = blend(P, w, held)
 
         pair = (self.metric, "log_loss")
@@ -239,7 +240,7 @@ class SelectionCV:
         self.nested_choices_ = {}
         if len(settings) > 1 and len(np.unique(folds)) > 2:
             ensemble = np.empty_like(ensemble)
-            for f, inner in self._inner(P, y, folds, settings):
+            for f, inner in self._inner(P, y, folds, settings, scorer):
                 rest, held = folds != f, folds == f
                 c = self._choose(settings, [metric_scores(y[rest], b[rest], pair) for b in inner])
                 ensemble[held] = pooled[c, held]
@@ -253,5 +254,5 @@ class SelectionCV:
         self.gain_ = sign * (ens["scores"][self.metric] - single["scores"][self.metric])
         self.gain_folds_ = [sign * (a - b) for a, b in zip(ens["folds"], single["folds"], strict=True)]
         self.folds_ = folds
-        self.selector_ = self._selector(chosen["steps"], chosen["bags"]).fit(P, y)
+        self.selector_ = self._selector(chosen["steps"], chosen["bags"]).fit_prepared(scorer)
         return self

@@ -16,6 +16,30 @@ import numpy as np
 from trainer.metrics import METRICS, f1_from_counts, log_loss, mean_nll
 
 _BLOCK_BYTES = 1 << 22  # ~4 MiB working blocks stay in cache between numpy calls
+_FEW = 8                # up to this many candidates, accuracy counts hits by one argmax per block
+
+
+def _hits(B: np.ndarray, labels: np.ndarray, d: int) -> np.ndarray:
+    """Per candidate, the rows of ``B / d`` (rows, C, candidates; rows sorted by
+    ``labels``) whose argmax is the label (first max wins): each label's rows
+    compare whole (rows, candidates) slabs."""
+    C = B.shape[1]
+    counts = np.zeros(B.shape[2], np.int64)
+    bounds = np.searchsorted(labels, np.arange(C + 1))
+    for c in np.unique(labels):
+        r = slice(bounds[c], bounds[c + 1])
+        # x -> fl(x / d) is monotone, so max and division commute and
+        # only the reduced slabs need dividing.
+        t = _divided(B[r, c], d)
+        ok = _divided(B[r, c + 1:].max(axis=1), d) <= t if c < C - 1 else np.ones_like(t, bool)
+        if c > 0:
+            ok &= _divided(B[r, :c].max(axis=1), d) < t
+        counts += np.count_nonzero(ok, axis=0)
+    return counts
+
+
+def _divided(x: np.ndarray, d: int) -> np.ndarray:
+    return x / d if d > 1 else x
 
 
 class _LoopScorer:
@@ -42,6 +66,10 @@ class _LoopScorer:
     def log_losses(self, cands: np.ndarray, k: int) -> np.ndarray:
         return np.array([log_loss(self.y, self._blend(c, k)) for c in cands])
 
+    def subset(self, samples: np.ndarray) -> _LoopScorer:
+        """A scorer of the same candidates on some of the samples (``take``: C-contiguous, as the scorer wants)."""
+        return type(self)(self.P.take(samples, axis=1), self.y[samples], self.metric)
+
 
 class _VectorScorer(_LoopScorer):
     """Scores all candidates at once; falls back to the loop for other metrics."""
@@ -56,20 +84,71 @@ class _VectorScorer(_LoopScorer):
         # contiguous, and each label group compares whole (rows, m) slabs.
         self.order = np.argsort(y, kind="stable")
         self.ys = y[self.order]
-        rank = np.empty(n, np.intp)
+        self.rank = rank = np.empty(n, np.intp)   # each sample's row in Pc
         rank[self.order] = np.arange(n)
         self.Pc = np.empty((n, C, m), P.dtype)
         for a in range(0, n, 64):  # blocks of contiguous source samples, rows scattered
             self.Pc[rank[a:a + 64]] = P[:, a:a + 64].transpose(1, 2, 0)
-        # Per sample, the most any candidate can raise another class over the
-        # true one (rise) or the true class over another (fall); see scores().
-        hi, lo = self.Pc.max(axis=2), self.Pc.min(axis=2)
-        self.is_y = is_y = self.ys[:, None] == np.arange(C)
-        hi_y, lo_y = hi[is_y].astype(np.float64), lo[is_y].astype(np.float64)
-        self.rise = np.where(is_y, -np.inf, hi).max(axis=1) - lo_y
-        self.fall = hi_y - np.where(is_y, np.inf, lo).min(axis=1)
-        self.pabs = float(max(np.abs(hi).max(), np.abs(lo).max()))
+        self.is_y = self.ys[:, None] == np.arange(C)
+        self.cols = np.arange(n)
         self.rows = max(1, _BLOCK_BYTES // (C * m * self.dtype.itemsize))
+        self.full_view = (self.Pc, *self._bounds(self.Pc))
+        self.view: tuple[bytes, tuple] = (b"", self.full_view)   # that of the last subset of candidates asked
+
+    def subset(self, samples: np.ndarray) -> _VectorScorer:
+        """The same candidates on some samples: the sample-major copy and its bounds are
+        gathered from this scorer's, not built again (the cross-validation's many selections)."""
+        if self.metric not in ("accuracy", "f1_macro"):
+            return super().subset(samples)
+        sub = _LoopScorer(self.P.take(samples, axis=1), self.y[samples], self.metric)   # none of the set-up below
+        sub.__class__ = _VectorScorer
+        sub.Py = self.Py.take(samples, axis=1)
+        sub.order = np.argsort(sub.y, kind="stable")
+        sub.ys = sub.y[sub.order]
+        rows = self.rank[samples[sub.order]]   # sorted by (label, sample) here as there
+        sub.rank = np.empty(len(samples), np.intp)
+        sub.rank[sub.order] = np.arange(len(samples))
+        sub.Pc = self.Pc.take(rows, axis=0)
+        sub.is_y, sub.cols, sub.rows = self.is_y[rows], np.arange(len(samples)), self.rows
+        _, rise, fall, pabs = self.full_view   # this pabs bounds the subset's: a tol no tighter, still exact
+        sub.full_view = (sub.Pc, rise[rows], fall[rows], pabs)
+        sub.view = (b"", sub.full_view)
+        sub.reset()
+        return sub
+
+    def _slabs(self, src: np.ndarray, cands: np.ndarray | None):
+        """(rows, src[rows][:, :, cands]) over blocks of rows (all of src's candidates for None)."""
+        for a in range(0, len(src), self.rows):
+            rows = slice(a, a + self.rows)
+            yield rows, src[rows] if cands is None else src[rows][:, :, cands]
+
+    def _bounds(self, src: np.ndarray, cands: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+        """Per sample, the most any candidate can raise another class over the true one
+        (rise) or the true class over another (fall), and the largest |p|; see scores()."""
+        rise, fall, pabs = np.empty(len(src)), np.empty(len(src)), 0.0
+        for rows, blk in self._slabs(src, cands):
+            hi, lo = blk.max(axis=2), blk.min(axis=2)
+            is_y = self.is_y[rows]
+            hi_y, lo_y = hi[is_y].astype(np.float64), lo[is_y].astype(np.float64)
+            rise[rows] = np.where(is_y, -np.inf, hi).max(axis=1) - lo_y
+            fall[rows] = hi_y - np.where(is_y, np.inf, lo).min(axis=1)
+            pabs = max(pabs, float(np.abs(hi).max()), float(np.abs(lo).max()))
+        return rise, fall, pabs
+
+    def _view(self, cands: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, float]:
+        """(``Pc`` of just ``cands`` or None where that copy would be large, and ``_bounds`` over them).
+
+        A subset is the fixed members once ``max_members`` is reached, or a bag's
+        pool: its bounds are tighter than all candidates', so fewer samples are left to blend.
+        """
+        if len(cands) == self.Pc.shape[2]:
+            return self.full_view
+        key = cands.tobytes()
+        if self.view[0] != key:
+            compact = self.Pc[:, :, cands] if 4 * len(cands) <= self.Pc.shape[2] else None
+            bounds = self._bounds(self.Pc, cands) if compact is None else self._bounds(compact)
+            self.view = key, (compact, *bounds)
+        return self.view[1]
 
     def reset(self) -> None:
         super().reset()
@@ -101,52 +180,60 @@ class _VectorScorer(_LoopScorer):
         # exceeds what any candidate can take away (rise) is right for every
         # candidate; one whose deficit exceeds what any can add (fall) is wrong
         # for every candidate. tol covers float32 rounding of the blends.
-        Ss = self.S[self.order]
-        Sd = Ss.astype(np.float64)
-        margin = Sd[self.is_y] - np.where(self.is_y, -np.inf, Sd).max(axis=1)
-        tol = 16 * np.finfo(Ss.dtype).eps * (np.abs(Ss).max() + self.pabs + 1)
-        right = margin > self.rise + tol
+        view = self._view(cands)
+        if k == 0 and self.metric == "accuracy":   # S is zero: each candidate alone, no blend to add
+            src, sub = (self.Pc, cands) if view[0] is None else (view[0], None)
+            return sum(_hits(blk, self.ys[rows], 1) for rows, blk in self._slabs(src, sub)) / len(self.y)
+        Ss = np.take(self.S, self.order, axis=0)   # take: far faster than fancy indexing here
+        # Class-major copy: numpy reduces over rows of n far faster than over a last axis of C.
+        St = Ss.T.copy()
+        true = St[self.ys, self.cols]
+        St[self.ys, self.cols] = -np.inf
+        margin = true.astype(np.float64) - St.max(axis=0)
+        compact, rise, fall, pabs = view
+        tol = 16 * np.finfo(Ss.dtype).eps * (np.abs(Ss).max() + pabs + 1)
+        right = margin > rise + tol
         if self.metric == "accuracy":
-            todo = np.flatnonzero(~right & ~(-margin > self.fall + tol))
-            return (np.count_nonzero(right) + self._correct(Ss, cands, k, todo)) / len(self.y)
-        return self._f1(Ss, cands, k, right)
+            todo = np.flatnonzero(~right & ~(-margin > fall + tol))
+            return (np.count_nonzero(right) + self._correct(Ss, cands, compact, k, todo)) / len(self.y)
+        return self._f1(Ss, cands, compact, k, right)
 
-    def _blocks(self, Ss: np.ndarray, cands: np.ndarray, todo: np.ndarray):
-        """Yield (labels, unnormalised blends (rows, C, len(cands))) over sample blocks."""
-        full = len(cands) == self.Pc.shape[2]
+    def _blocks(self, Ss: np.ndarray, cands: np.ndarray, compact: np.ndarray | None, todo: np.ndarray):
+        """Yield (labels, unnormalised blends (rows, C, len(cands))) over blocks of ``todo`` rows.
+
+        ``compact`` is ``Pc`` of just ``cands`` (``_view``), or None to gather them per block.
+        """
+        src = self.Pc if compact is None else compact
+        gather = src.shape[2] != len(cands)
         buf = np.empty((min(self.rows, len(todo)), Ss.shape[1], len(cands)), Ss.dtype)
         for a in range(0, len(todo), self.rows):
             idx = todo[a:a + self.rows]
-            if not full:
-                blk = self.Pc[np.ix_(idx, np.arange(self.Pc.shape[1]), cands)]
+            if gather:
+                blk = src[np.ix_(idx, np.arange(src.shape[1]), cands)]
             elif idx[-1] - idx[0] == len(idx) - 1:
-                blk = self.Pc[idx[0]:idx[-1] + 1]
+                blk = src[idx[0]:idx[-1] + 1]
             else:
-                blk = self.Pc[idx]
+                blk = src[idx]
             yield self.ys[idx], np.add(blk, Ss[idx][:, :, None], out=buf[:len(idx)])
 
-    def _correct(self, Ss: np.ndarray, cands: np.ndarray, k: int, todo: np.ndarray) -> np.ndarray:
+    def _correct(self, Ss: np.ndarray, cands: np.ndarray, compact: np.ndarray | None, k: int,
+                 todo: np.ndarray) -> np.ndarray:
         """Per candidate, how many ``todo`` samples have argmax == label (first max wins)."""
         counts = np.zeros(len(cands), np.int64)
-        d, C = k + 1, Ss.shape[1]
-        for labels, B in self._blocks(Ss, cands, todo):
-            bounds = np.searchsorted(labels, np.arange(C + 1))
-            for c in np.unique(labels):
-                r = slice(bounds[c], bounds[c + 1])
-                # x -> fl(x / d) is monotone, so max and division commute and
-                # only the reduced slabs need dividing.
-                t = B[r, c] / d
-                ok = B[r, c + 1:].max(axis=1) / d <= t if c < C - 1 else np.ones_like(t, bool)
-                if c > 0:
-                    ok &= B[r, :c].max(axis=1) / d < t
-                counts += np.count_nonzero(ok, axis=0)
+        for labels, B in self._blocks(Ss, cands, compact, todo):
+            if len(cands) <= _FEW:   # few candidates (fixed members): one argmax beats C slabs' calls
+                B /= k + 1
+                counts += np.count_nonzero(B.argmax(axis=1) == labels[:, None], axis=0)
+            else:
+                counts += _hits(B, labels, k + 1)
         return counts
 
-    def _f1(self, Ss: np.ndarray, cands: np.ndarray, k: int, right: np.ndarray) -> np.ndarray:
+    def _f1(self, Ss: np.ndarray, cands: np.ndarray, compact: np.ndarray | None, k: int,
+            right: np.ndarray) -> np.ndarray:
         m, C = len(cands), Ss.shape[1]
         sure = np.bincount(self.ys[right], minlength=C)[:, None]  # predicted == label
         tp, n_pred = np.repeat(sure, m, 1), np.repeat(sure, m, 1)
-        for labels, B in self._blocks(Ss, cands, np.flatnonzero(~right)):
+        for labels, B in self._blocks(Ss, cands, compact, np.flatnonzero(~right)):
             B /= k + 1
             flat = B.argmax(axis=1) * m + np.arange(m)
             n_pred += np.bincount(flat.ravel(), minlength=C * m).reshape(C, m)
@@ -154,6 +241,21 @@ class _VectorScorer(_LoopScorer):
             tp += np.bincount(flat[hit], minlength=C * m).reshape(C, m)
         # contiguous rows so the class sums round exactly as in metrics.f1_macro
         return f1_from_counts(tp.T.copy(), n_pred.T.copy(), np.bincount(self.y, minlength=C))
+
+
+def prepare(P: np.ndarray, y: np.ndarray, metric: str, vectorised: bool = True) -> _LoopScorer:
+    """Candidates' probabilities P (candidates, samples, classes) and labels y made ready
+    for ``EnsembleSelection.fit_prepared``; ``.subset(samples)`` readies some samples at less cost."""
+    P, y = np.asarray(P), np.asarray(y)
+    if P.dtype not in (np.float16, np.float32, np.float64):
+        P = P.astype(np.float64)
+    if P.ndim != 3 or y.shape != (P.shape[1],):
+        raise ValueError("need P of shape (candidates, samples, classes) and y of shape (samples,)")
+    if y.min() < 0 or y.max() >= P.shape[2]:
+        raise ValueError("labels must lie in [0, n_classes)")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {sorted(METRICS)}")
+    return (_VectorScorer if vectorised else _LoopScorer)(P, y.astype(np.intp), metric)
 
 
 class EnsembleSelection:
@@ -189,23 +291,18 @@ class EnsembleSelection:
 
     def fit(self, P: np.ndarray, y: np.ndarray) -> EnsembleSelection:
         """Select from P (n_candidates, n_samples, n_classes) against labels y (n_samples,)."""
-        P, y = np.asarray(P), np.asarray(y)
-        if P.dtype not in (np.float16, np.float32, np.float64):
-            P = P.astype(np.float64)
-        if P.ndim != 3 or y.shape != (P.shape[1],):
-            raise ValueError("need P of shape (candidates, samples, classes) and y of shape (samples,)")
-        if y.min() < 0 or y.max() >= P.shape[2]:
-            raise ValueError("labels must lie in [0, n_classes)")
-        if self.metric not in METRICS:
-            raise ValueError(f"unknown metric {self.metric!r}; choose from {sorted(METRICS)}")
+        return self.fit_prepared(prepare(P, y, self.metric, self.vectorised))
+
+    def fit_prepared(self, scorer: _LoopScorer) -> EnsembleSelection:
+        """Select from candidates made ready by ``prepare`` (or a ``subset`` of them)."""
+        if scorer.metric != self.metric:
+            raise ValueError(f"candidates prepared for {scorer.metric!r}, not {self.metric!r}")
         if self.max_members is not None and self.max_members < max(self.n_init, 1):
             raise ValueError("max_members must be at least max(n_init, 1)")
         if not 0 <= self.n_init <= self.ensemble_size or self.ensemble_size < 1:
             raise ValueError("need ensemble_size >= 1 and 0 <= n_init <= ensemble_size")
-        y = y.astype(np.intp)
         self._sign = 1.0 if METRICS[self.metric][1] else -1.0
-        scorer = (_VectorScorer if self.vectorised else _LoopScorer)(P, y, self.metric)
-        m = P.shape[0]
+        m = scorer.P.shape[0]
         if self.bags:
             rng = np.random.default_rng(self.random_state)
             size = min(m, max(1, round(self.bag_fraction * m), self.n_init))

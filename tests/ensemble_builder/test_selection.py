@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from ensemble_builder.selection import EnsembleSelection
+from ensemble_builder import selection
+from ensemble_builder.selection import EnsembleSelection, prepare
 from trainer.metrics import METRICS, accuracy, f1_macro, log_loss, roc_auc
 
 BOTH = pytest.mark.parametrize("vectorised", [True, False], ids=["vectorised", "naive"])
@@ -215,6 +216,27 @@ def test_vectorised_matches_naive(metric, seed):
         assert fast.all_indices_ == slow.all_indices_, kw
         assert fast.trajectory_ == slow.trajectory_, kw  # bit-identical scores
         np.testing.assert_array_equal(fast.weights_, slow.weights_)
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "log_loss", "f1_macro"])
+def test_a_subset_of_prepared_candidates_selects_as_a_fresh_fit_on_its_samples(metric, monkeypatch):
+    """What the cross-validation does: one ``prepare``, then selections on ``subset``s gathered from it.
+
+    Tiny working blocks (a few rows each) so that every blocked path runs; sorted and shuffled
+    subsets; the members-only view (max_members) and a bag's pool, which gathers per block.
+    """
+    monkeypatch.setattr(selection, "_BLOCK_BYTES", 4096)
+    P, y = random_candidates(m=30, n=300, C=4, seed=5, dtype=np.float32)
+    scorer = prepare(P, y, metric)
+    rng = np.random.default_rng(0)
+    for samples in (np.flatnonzero(np.arange(300) % 3 != 0), rng.permutation(300)[:170]):
+        sub = scorer.subset(samples)
+        for kw in ({}, {"max_members": 3}, {"bags": 2}, {"n_init": 2}):
+            a = EnsembleSelection(15, metric, **kw).fit_prepared(sub)
+            b = EnsembleSelection(15, metric, vectorised=False, **kw).fit(P[:, samples], y[samples])
+            assert a.all_indices_ == b.all_indices_ and a.trajectory_ == b.trajectory_, kw
+    with pytest.raises(ValueError, match="prepared for"):
+        EnsembleSelection(5, "accuracy" if metric != "accuracy" else "log_loss").fit_prepared(scorer)
 
 
 def test_vectorised_matches_naive_with_many_ties():

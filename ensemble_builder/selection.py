@@ -20,22 +20,29 @@ _FEW = 8                # up to this many candidates, accuracy counts hits by on
 
 
 def _hits(B: np.ndarray, labels: np.ndarray, d: int) -> np.ndarray:
-    """Per candidate, the rows of ``B / d`` (rows, C, candidates; rows sorted by
-    ``labels``) whose argmax is the label (first max wins): each label's rows
-    compare whole (rows, candidates) slabs."""
+    """Per candidate, how many rows of ``B / d`` have their label as argmax (see ``_hit_rows``)."""
+    return np.count_nonzero(_hit_rows(B, labels, d), axis=0)
+
+
+def _hit_rows(B: np.ndarray, labels: np.ndarray, d: int) -> np.ndarray:
+    """(rows, candidates): is the argmax of ``B / d`` (rows, C, candidates; rows sorted by
+    ``labels``) the label (first max wins)? Each label's rows compare whole (rows, candidates) slabs."""
     C = B.shape[1]
-    counts = np.zeros(B.shape[2], np.int64)
+    out = np.empty((B.shape[0], B.shape[2]), bool)
     bounds = np.searchsorted(labels, np.arange(C + 1))
     for c in np.unique(labels):
         r = slice(bounds[c], bounds[c + 1])
         # x -> fl(x / d) is monotone, so max and division commute and
         # only the reduced slabs need dividing.
         t = _divided(B[r, c], d)
-        ok = _divided(B[r, c + 1:].max(axis=1), d) <= t if c < C - 1 else np.ones_like(t, bool)
+        ok = out[r]
+        if c < C - 1:
+            np.less_equal(_divided(B[r, c + 1:].max(axis=1), d), t, out=ok)
+        else:
+            ok[...] = True
         if c > 0:
             ok &= _divided(B[r, :c].max(axis=1), d) < t
-        counts += np.count_nonzero(ok, axis=0)
-    return counts
+    return out
 
 
 def _divided(x: np.ndarray, d: int) -> np.ndarray:
@@ -89,11 +96,11 @@ class _VectorScorer(_LoopScorer):
         self.Pc = np.empty((n, C, m), P.dtype)
         for a in range(0, n, 64):  # blocks of contiguous source samples, rows scattered
             self.Pc[rank[a:a + 64]] = P[:, a:a + 64].transpose(1, 2, 0)
-        self.is_y = self.ys[:, None] == np.arange(C)
         self.cols = np.arange(n)
         self.rows = max(1, _BLOCK_BYTES // (C * m * self.dtype.itemsize))
         self.full_view = (self.Pc, *self._bounds(self.Pc))
         self.view: tuple[bytes, tuple] = (b"", self.full_view)   # that of the last subset of candidates asked
+        self._hits0 = None
 
     def subset(self, samples: np.ndarray) -> _VectorScorer:
         """The same candidates on some samples: the sample-major copy and its bounds are
@@ -109,12 +116,19 @@ class _VectorScorer(_LoopScorer):
         sub.rank = np.empty(len(samples), np.intp)
         sub.rank[sub.order] = np.arange(len(samples))
         sub.Pc = self.Pc.take(rows, axis=0)
-        sub.is_y, sub.cols, sub.rows = self.is_y[rows], np.arange(len(samples)), self.rows
+        sub.cols, sub.rows = np.arange(len(samples)), self.rows
         _, rise, fall, pabs = self.full_view   # this pabs bounds the subset's: a tol no tighter, still exact
         sub.full_view = (sub.Pc, rise[rows], fall[rows], pabs)
         sub.view = (b"", sub.full_view)
+        sub._hits0 = self.hits0().take(rows, axis=0) if self.metric == "accuracy" else None
         sub.reset()
         return sub
+
+    def hits0(self) -> np.ndarray:
+        """(samples, candidates), rows as in Pc: is each candidate alone right on each sample? Kept for subsets."""
+        if self._hits0 is None:
+            self._hits0 = np.concatenate([_hit_rows(blk, self.ys[rows], 1) for rows, blk in self._slabs(self.Pc, None)])
+        return self._hits0
 
     def _slabs(self, src: np.ndarray, cands: np.ndarray | None):
         """(rows, src[rows][:, :, cands]) over blocks of rows (all of src's candidates for None)."""
@@ -127,12 +141,14 @@ class _VectorScorer(_LoopScorer):
         (rise) or the true class over another (fall), and the largest |p|; see scores()."""
         rise, fall, pabs = np.empty(len(src)), np.empty(len(src)), 0.0
         for rows, blk in self._slabs(src, cands):
-            hi, lo = blk.max(axis=2), blk.min(axis=2)
-            is_y = self.is_y[rows]
-            hi_y, lo_y = hi[is_y].astype(np.float64), lo[is_y].astype(np.float64)
-            rise[rows] = np.where(is_y, -np.inf, hi).max(axis=1) - lo_y
-            fall[rows] = hi_y - np.where(is_y, np.inf, lo).min(axis=1)
+            # class-major (C, rows): reductions over classes run along rows (see scores())
+            hi, lo = blk.max(axis=2).T.copy(), blk.min(axis=2).T.copy()
+            at = (self.ys[rows], np.arange(hi.shape[1]))
+            hi_y, lo_y = hi[at].astype(np.float64), lo[at].astype(np.float64)
             pabs = max(pabs, float(np.abs(hi).max()), float(np.abs(lo).max()))
+            hi[at], lo[at] = -np.inf, np.inf
+            rise[rows] = hi.max(axis=0) - lo_y
+            fall[rows] = hi_y - lo.min(axis=0)
         return rise, fall, pabs
 
     def _view(self, cands: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, float]:
@@ -180,10 +196,10 @@ class _VectorScorer(_LoopScorer):
         # exceeds what any candidate can take away (rise) is right for every
         # candidate; one whose deficit exceeds what any can add (fall) is wrong
         # for every candidate. tol covers float32 rounding of the blends.
-        view = self._view(cands)
         if k == 0 and self.metric == "accuracy":   # S is zero: each candidate alone, no blend to add
-            src, sub = (self.Pc, cands) if view[0] is None else (view[0], None)
-            return sum(_hits(blk, self.ys[rows], 1) for rows, blk in self._slabs(src, sub)) / len(self.y)
+            hits = self.hits0()
+            return np.count_nonzero(hits if len(cands) == hits.shape[1] else hits[:, cands], axis=0) / len(self.y)
+        view = self._view(cands)
         Ss = np.take(self.S, self.order, axis=0)   # take: far faster than fancy indexing here
         # Class-major copy: numpy reduces over rows of n far faster than over a last axis of C.
         St = Ss.T.copy()

@@ -96,7 +96,7 @@ class _VectorScorer(_LoopScorer):
         self.Pc = np.empty((n, C, m), P.dtype)
         for a in range(0, n, 64):  # blocks of contiguous source samples, rows scattered
             self.Pc[rank[a:a + 64]] = P[:, a:a + 64].transpose(1, 2, 0)
-        self.cols = np.arange(n)
+        self.true_at = self.ys * n + np.arange(n)   # the true classes in a class-major (C, n) copy
         self.rows = max(1, _BLOCK_BYTES // (C * m * self.dtype.itemsize))
         self.full_view = (self.Pc, *self._bounds(self.Pc))
         self.view: tuple[bytes, tuple] = (b"", self.full_view)   # that of the last subset of candidates asked
@@ -116,9 +116,9 @@ class _VectorScorer(_LoopScorer):
         sub.rank = np.empty(len(samples), np.intp)
         sub.rank[sub.order] = np.arange(len(samples))
         sub.Pc = self.Pc.take(rows, axis=0)
-        sub.cols, sub.rows = np.arange(len(samples)), self.rows
-        _, rise, fall, pabs = self.full_view   # this pabs bounds the subset's: a tol no tighter, still exact
-        sub.full_view = (sub.Pc, rise[rows], fall[rows], pabs)
+        sub.true_at, sub.rows = sub.ys * len(samples) + np.arange(len(samples)), self.rows
+        _, rise, fall, pabs, highest, lowest = self.full_view   # this pabs bounds the subset's: a tol no tighter
+        sub.full_view = (sub.Pc, rise[rows], fall[rows], pabs, highest.take(rows, axis=0), lowest.take(rows, axis=0))
         sub.view = (b"", sub.full_view)
         sub._hits0 = self.hits0().take(rows, axis=0) if self.metric == "accuracy" else None
         sub.reset()
@@ -136,22 +136,26 @@ class _VectorScorer(_LoopScorer):
             rows = slice(a, a + self.rows)
             yield rows, src[rows] if cands is None else src[rows][:, :, cands]
 
-    def _bounds(self, src: np.ndarray, cands: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    def _bounds(self, src: np.ndarray, cands: np.ndarray | None = None) -> tuple:
         """Per sample, the most any candidate can raise another class over the true one
-        (rise) or the true class over another (fall), and the largest |p|; see scores()."""
+        (rise) or the true class over another (fall), the largest |p|, and per sample
+        and class the highest and lowest probability of any candidate; see scores()."""
         rise, fall, pabs = np.empty(len(src)), np.empty(len(src)), 0.0
+        highest, lowest = np.empty(src.shape[:2], src.dtype), np.empty(src.shape[:2], src.dtype)
         for rows, blk in self._slabs(src, cands):
+            np.max(blk, axis=2, out=highest[rows])
+            np.min(blk, axis=2, out=lowest[rows])
             # class-major (C, rows): reductions over classes run along rows (see scores())
-            hi, lo = blk.max(axis=2).T.copy(), blk.min(axis=2).T.copy()
+            hi, lo = highest[rows].T.copy(), lowest[rows].T.copy()
             at = (self.ys[rows], np.arange(hi.shape[1]))
             hi_y, lo_y = hi[at].astype(np.float64), lo[at].astype(np.float64)
             pabs = max(pabs, float(np.abs(hi).max()), float(np.abs(lo).max()))
             hi[at], lo[at] = -np.inf, np.inf
             rise[rows] = hi.max(axis=0) - lo_y
             fall[rows] = hi_y - lo.min(axis=0)
-        return rise, fall, pabs
+        return rise, fall, pabs, highest, lowest
 
-    def _view(self, cands: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, float]:
+    def _view(self, cands: np.ndarray) -> tuple:
         """(``Pc`` of just ``cands`` or None where that copy would be large, and ``_bounds`` over them).
 
         A subset is the fixed members once ``max_members`` is reached, or a bag's
@@ -203,15 +207,19 @@ class _VectorScorer(_LoopScorer):
         Ss = np.take(self.S, self.order, axis=0)   # take: far faster than fancy indexing here
         # Class-major copy: numpy reduces over rows of n far faster than over a last axis of C.
         St = Ss.T.copy()
-        true = St[self.ys, self.cols]
-        St[self.ys, self.cols] = -np.inf
-        margin = true.astype(np.float64) - St.max(axis=0)
-        compact, rise, fall, pabs = view
+        np.put(St, self.true_at, -np.inf)   # put and take: far faster than fancy indexing
+        margin = np.take(self.sy, self.order).astype(np.float64) - St.max(axis=0)   # sy: S's true-class column
+        compact, rise, fall, pabs, highest, lowest = view
         tol = 16 * np.finfo(Ss.dtype).eps * (np.abs(Ss).max() + pabs + 1)
         right = margin > rise + tol
         if self.metric == "accuracy":
             todo = np.flatnonzero(~right & ~(-margin > fall + tol))
-            return (np.count_nonzero(right) + self._correct(Ss, cands, compact, k, todo)) / len(self.y)
+            src = self.Pc if compact is None else compact
+            if len(cands) > _FEW and src.shape[2] == len(cands):
+                correct = self._contenders(Ss, src, highest, lowest, tol, k, todo)
+            else:
+                correct = self._correct(Ss, cands, compact, k, todo)
+            return (np.count_nonzero(right) + correct) / len(self.y)
         return self._f1(Ss, cands, compact, k, right)
 
     def _blocks(self, Ss: np.ndarray, cands: np.ndarray, compact: np.ndarray | None, todo: np.ndarray):
@@ -231,6 +239,35 @@ class _VectorScorer(_LoopScorer):
             else:
                 blk = src[idx]
             yield self.ys[idx], np.add(blk, Ss[idx][:, :, None], out=buf[:len(idx)])
+
+    def _contenders(self, Ss: np.ndarray, src: np.ndarray, highest: np.ndarray, lowest: np.ndarray, tol: float,
+                    k: int, todo: np.ndarray) -> np.ndarray:
+        """As ``_correct`` over all of ``src``'s candidates, comparing each row's label only with
+        the classes that could beat it for some candidate (usually one to three of C).
+
+        Class j is out when even its highest probability over the candidates, added
+        to S, stays below the label's lowest added to S, by more than ``tol`` (as in
+        scores()): then no blend, rounded, puts j at or above the label.
+        """
+        d, (_, C, m) = k + 1, src.shape
+        counts = np.zeros(m, np.int64)
+        sy = np.take(self.sy, self.order)
+        for a in range(0, len(todo), self.rows * C):   # (rows, m) arrays: the working-block budget
+            idx = todo[a:a + self.rows * C]
+            labels, at = self.ys[idx], np.arange(len(idx))
+            Sb = Ss[idx]
+            floor = sy[idx].astype(np.float64) + lowest[idx, labels] - tol
+            contends = Sb.astype(np.float64) + highest[idx] >= floor[:, None]
+            contends[at, labels] = False
+            vy = _divided(src[idx, labels] + Sb[at, labels][:, None], d)   # (rows, m) as the blends round
+            fail = np.zeros((len(idx), m), bool)
+            for j in np.flatnonzero(contends.any(axis=0)):
+                sel = np.flatnonzero(contends[:, j])
+                vj, vs = _divided(src[idx[sel], j] + Sb[sel, j][:, None], d), vy[sel]
+                # first max wins: class j before the label takes a tie
+                fail[sel] |= np.where((labels[sel] > j)[:, None], vj >= vs, vj > vs)
+            counts += len(idx) - np.count_nonzero(fail, axis=0)
+        return counts
 
     def _correct(self, Ss: np.ndarray, cands: np.ndarray, compact: np.ndarray | None, k: int,
                  todo: np.ndarray) -> np.ndarray:

@@ -5,6 +5,11 @@ running sum ``S`` of the ``k`` members so far scores best. The vectorised
 scorer evaluates every candidate of a step in a few large numpy operations and
 gives exactly the scores of the per-candidate loop (``vectorised=False``).
 
+``prepare`` readies the candidates once (for accuracy and F1, a sample-major
+copy sorted by label); ``.subset(samples)`` of it gathers what a selection on
+some samples needs instead of building it again, which is what the
+cross-validation's K + K(K-1)/2 selections use.
+
 ``P`` may be float16, half the memory at scale (1,000 candidates x 100,000
 samples x 10 classes: 2 GB). The running sums and blends are then float32, so
 it selects exactly as ``P.astype(np.float32)`` would, without that copy.
@@ -107,8 +112,10 @@ class _VectorScorer(_LoopScorer):
         gathered from this scorer's, not built again (the cross-validation's many selections)."""
         if self.metric not in ("accuracy", "f1_macro"):
             return super().subset(samples)
-        sub = _LoopScorer(self.P.take(samples, axis=1), self.y[samples], self.metric)   # none of the set-up below
-        sub.__class__ = _VectorScorer
+        sub = object.__new__(_VectorScorer)
+        # P stays this scorer's: a step reads one candidate's rows of it (add), no copy of every candidate's
+        sub.P, sub.samples, sub.y, sub.metric, sub.fn, sub.dtype = (
+            self.P, samples, self.y[samples], self.metric, self.fn, self.dtype)
         sub.Py = self.Py.take(samples, axis=1)
         sub.order = np.argsort(sub.y, kind="stable")
         sub.ys = sub.y[sub.order]
@@ -170,12 +177,14 @@ class _VectorScorer(_LoopScorer):
             self.view = key, (compact, *bounds)
         return self.view[1]
 
+    samples = None   # the samples of P that a subset() scores, None for all
+
     def reset(self) -> None:
-        super().reset()
-        self.sy = np.zeros(self.P.shape[1], self.dtype)  # == S[arange(n), y]
+        self.S = np.zeros((len(self.y), self.P.shape[2]), self.dtype)
+        self.sy = np.zeros(len(self.y), self.dtype)  # == S[arange(n), y]
 
     def add(self, c: int) -> None:
-        super().add(c)
+        self.S += self.P[c] if self.samples is None else self.P[c].take(self.samples, axis=0)
         self.sy += self.Py[c]
 
     def log_losses(self, cands: np.ndarray, k: int) -> np.ndarray:

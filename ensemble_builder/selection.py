@@ -110,13 +110,16 @@ class _VectorScorer(_LoopScorer):
     def subset(self, samples: np.ndarray) -> _VectorScorer:
         """The same candidates on some samples: the sample-major copy and its bounds are
         gathered from this scorer's, not built again (the cross-validation's many selections)."""
-        if self.metric not in ("accuracy", "f1_macro"):
-            return super().subset(samples)
+        if self.metric not in ("accuracy", "f1_macro", "log_loss"):
+            return super().subset(samples)   # the loop's metrics blend whole rows of P: a copy
         sub = object.__new__(_VectorScorer)
         # P stays this scorer's: a step reads one candidate's rows of it (add), no copy of every candidate's
         sub.P, sub.samples, sub.y, sub.metric, sub.fn, sub.dtype = (
             self.P, samples, self.y[samples], self.metric, self.fn, self.dtype)
         sub.Py = self.Py.take(samples, axis=1)
+        if self.metric == "log_loss":   # the true-class columns are all it reads
+            sub.reset()
+            return sub
         sub.order = np.argsort(sub.y, kind="stable")
         sub.ys = sub.y[sub.order]
         rows = self.rank[samples[sub.order]]   # sorted by (label, sample) here as there

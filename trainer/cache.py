@@ -135,8 +135,9 @@ def _build(locations, entry, shape, mode, cache_dir, workers) -> None:
             progress.update(hi)
         _sync(f)
     os.replace(tmp, os.path.join(entry, "images.u8"))
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(entry, "progress.json"))
+    for name in ("progress.json", "progress.json.tmp"):   # .tmp: a build killed while writing its record
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(entry, name))
     seconds = time.perf_counter() - start
     record = {"shape": list(shape), "mode": mode, "decoded": n - first, "resumed_from": first,
               "seconds": round(seconds, 3), "host": socket.gethostname(), "pid": os.getpid(), "entry": entry}
@@ -156,7 +157,7 @@ def _resume_point(entry: str, shape: tuple, mode: str) -> int:
             return int(done["done"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    for path in (tmp, record):
+    for path in (tmp, record, record + ".tmp"):
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
     return 0

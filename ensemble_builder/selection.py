@@ -94,14 +94,10 @@ class _VectorScorer(_LoopScorer):
             return
         # Sample-major copy (n, C, m), samples sorted by label: a block of rows is
         # contiguous, and each label group compares whole (rows, m) slabs.
-        self.order = np.argsort(y, kind="stable")
-        self.ys = y[self.order]
-        self.rank = rank = np.empty(n, np.intp)   # each sample's row in Pc
-        rank[self.order] = np.arange(n)
+        self._sort_by_label()
         self.Pc = np.empty((n, C, m), P.dtype)
         for a in range(0, n, 64):  # blocks of contiguous source samples, rows scattered
-            self.Pc[rank[a:a + 64]] = P[:, a:a + 64].transpose(1, 2, 0)
-        self.true_at = self.ys * n + np.arange(n)   # the true classes in a class-major (C, n) copy
+            self.Pc[self.rank[a:a + 64]] = P[:, a:a + 64].transpose(1, 2, 0)
         self.rows = max(1, _BLOCK_BYTES // (C * m * self.dtype.itemsize))
         self.full_view = (self.Pc, *self._bounds(self.Pc))
         self.view: tuple[bytes, tuple] = (b"", self.full_view)   # that of the last subset of candidates asked
@@ -120,19 +116,24 @@ class _VectorScorer(_LoopScorer):
         if self.metric == "log_loss":   # the true-class columns are all it reads
             sub.reset()
             return sub
-        sub.order = np.argsort(sub.y, kind="stable")
-        sub.ys = sub.y[sub.order]
+        sub._sort_by_label()
         rows = self.rank[samples[sub.order]]   # sorted by (label, sample) here as there
-        sub.rank = np.empty(len(samples), np.intp)
-        sub.rank[sub.order] = np.arange(len(samples))
-        sub.Pc = self.Pc.take(rows, axis=0)
-        sub.true_at, sub.rows = sub.ys * len(samples) + np.arange(len(samples)), self.rows
+        sub.Pc, sub.rows = self.Pc.take(rows, axis=0), self.rows
         _, rise, fall, pabs, highest, lowest = self.full_view   # this pabs bounds the subset's: a tol no tighter
         sub.full_view = (sub.Pc, rise[rows], fall[rows], pabs, highest.take(rows, axis=0), lowest.take(rows, axis=0))
         sub.view = (b"", sub.full_view)
         sub._hits0 = self.hits0().take(rows, axis=0) if self.metric == "accuracy" else None
         sub.reset()
         return sub
+
+    def _sort_by_label(self) -> None:
+        """Pc's row order: samples sorted by label (stable), so a label's rows are one slab."""
+        n = len(self.y)
+        self.order = np.argsort(self.y, kind="stable")
+        self.ys = self.y[self.order]
+        self.rank = np.empty(n, np.intp)   # each sample's row in Pc
+        self.rank[self.order] = np.arange(n)
+        self.true_at = self.ys * n + np.arange(n)   # the true classes in a class-major (C, n) copy
 
     def hits0(self) -> np.ndarray:
         """(samples, candidates), rows as in Pc: is each candidate alone right on each sample? Kept for subsets."""
@@ -220,7 +221,8 @@ class _VectorScorer(_LoopScorer):
         # Class-major copy: numpy reduces over rows of n far faster than over a last axis of C.
         St = Ss.T.copy()
         np.put(St, self.true_at, -np.inf)   # put and take: far faster than fancy indexing
-        margin = np.take(self.sy, self.order).astype(np.float64) - St.max(axis=0)   # sy: S's true-class column
+        sy = np.take(self.sy, self.order)   # S's true-class column, in Pc's row order
+        margin = sy.astype(np.float64) - St.max(axis=0)
         compact, rise, fall, pabs, highest, lowest = view
         tol = 16 * np.finfo(Ss.dtype).eps * (np.abs(Ss).max() + pabs + 1)
         right = margin > rise + tol
@@ -228,7 +230,7 @@ class _VectorScorer(_LoopScorer):
             todo = np.flatnonzero(~right & ~(-margin > fall + tol))
             src = self.Pc if compact is None else compact
             if len(cands) > _FEW and src.shape[2] == len(cands):
-                correct = self._contenders(Ss, src, highest, lowest, tol, k, todo)
+                correct = self._contenders(Ss, sy, src, highest, lowest, tol, k, todo)
             else:
                 correct = self._correct(Ss, cands, compact, k, todo)
             return (np.count_nonzero(right) + correct) / len(self.y)
@@ -252,8 +254,8 @@ class _VectorScorer(_LoopScorer):
                 blk = src[idx]
             yield self.ys[idx], np.add(blk, Ss[idx][:, :, None], out=buf[:len(idx)])
 
-    def _contenders(self, Ss: np.ndarray, src: np.ndarray, highest: np.ndarray, lowest: np.ndarray, tol: float,
-                    k: int, todo: np.ndarray) -> np.ndarray:
+    def _contenders(self, Ss: np.ndarray, sy: np.ndarray, src: np.ndarray, highest: np.ndarray, lowest: np.ndarray,
+                    tol: float, k: int, todo: np.ndarray) -> np.ndarray:
         """As ``_correct`` over all of ``src``'s candidates, comparing each row's label only with
         the classes that could beat it for some candidate (usually one to three of C).
 
@@ -263,7 +265,6 @@ class _VectorScorer(_LoopScorer):
         """
         d, (_, C, m) = k + 1, src.shape
         counts = np.zeros(m, np.int64)
-        sy = np.take(self.sy, self.order)
         for a in range(0, len(todo), self.rows * C):   # (rows, m) arrays: the working-block budget
             idx = todo[a:a + self.rows * C]
             labels, at = self.ys[idx], np.arange(len(idx))

@@ -135,9 +135,7 @@ def _build(locations, entry, shape, mode, cache_dir, workers) -> None:
             progress.update(hi)
         _sync(f)
     os.replace(tmp, os.path.join(entry, "images.u8"))
-    for name in ("progress.json", "progress.json.tmp"):   # .tmp: a build killed while writing its record
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(entry, name))
+    _remove(_progress_files(entry))
     seconds = time.perf_counter() - start
     record = {"shape": list(shape), "mode": mode, "decoded": n - first, "resumed_from": first,
               "seconds": round(seconds, 3), "host": socket.gethostname(), "pid": os.getpid(), "entry": entry}
@@ -157,10 +155,20 @@ def _resume_point(entry: str, shape: tuple, mode: str) -> int:
             return int(done["done"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    for path in (tmp, record, record + ".tmp"):
+    _remove([tmp, *_progress_files(entry)])
+    return 0
+
+
+def _progress_files(entry: str) -> list[str]:
+    """The build's record and the half-written one ``_write_json`` leaves when a build is killed mid-write."""
+    record = os.path.join(entry, "progress.json")
+    return [record, record + ".tmp"]
+
+
+def _remove(paths: list[str]) -> None:
+    for path in paths:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
-    return 0
 
 
 def _allocate(path: str, nbytes: int, cache_dir: str, what: str) -> None:

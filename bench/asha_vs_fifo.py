@@ -27,16 +27,16 @@ SCRIPT = "asha_vs_fifo"
 
 
 def main() -> None:
+    from core import storage
     from searchspace import run
     from searchspace.prepare import architectures
     from searchspace.tasks import digits
-    from trainer import storage
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=24)
-    ap.add_argument("--max-epochs", type=int, default=digits.BUDGET["max_epochs"])
-    ap.add_argument("--grace-period", type=int, default=digits.BUDGET["grace_period"], help="ASHA run's grace period")
-    ap.add_argument("--reduction-factor", type=int, default=digits.BUDGET["reduction_factor"])
+    ap.add_argument("--max-epochs", type=int, default=digits.BUDGET.max_epochs)
+    ap.add_argument("--grace-period", type=int, default=digits.BUDGET.grace_period, help="ASHA run's grace period")
+    ap.add_argument("--reduction-factor", type=int, default=digits.BUDGET.reduction_factor)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpus-per-trial", type=float, default=1)
     ap.add_argument("--max-concurrent", type=int, default=0,
@@ -68,7 +68,7 @@ def main() -> None:
     archs = architectures(digits, args.archs, args.image_sizes)
     sizes = sorted({s for v in archs.values() for s in v})
     t0 = time.perf_counter()
-    _common.prepare_digits_cache(cache_dir, digits.BUDGET["folds"], a.seed, sizes)
+    _common.prepare_digits_cache(cache_dir, digits.BUDGET.folds, a.seed, sizes)
     print(f"digits data and cache ({sizes} px x 3 resize modes) ready in {time.perf_counter() - t0:.1f} s", flush=True)
 
     _common.start_ray()

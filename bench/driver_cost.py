@@ -151,6 +151,7 @@ def child(spec: dict) -> dict:
     import searchspace.api as api
     import searchspace.tuner as tuner
     from searchspace import searcher
+    from searchspace.config import SearchConfig
     from searchspace.progress import Progress
 
     if spec["variant"] == "before":
@@ -223,10 +224,10 @@ def child(spec: dict) -> dict:
     system0 = ray_system_cpu()
     load0 = os.getloadavg()
     name = f"driver-{n}-{spec['variant']}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    code, experiment = api.run_search(
-        "digits", data=spec["data"], trials=n, max_epochs=1, grace_period=1, folds=2, crossfit_top=0,
+    code, experiment = api.run_search("digits", spec["data"], SearchConfig.from_kwargs(
+        trials=n, max_epochs=1, grace_period=1, folds=2, crossfit_top=0,
         archs="test_resnet", image_sizes="16", storage=spec["storage"], name=name, cache_dir=spec["cache_dir"],
-        seed=spec["seed"], cpus_per_trial=1, keep_checkpoints=True)
+        seed=spec["seed"], cpus_per_trial=1, keep_checkpoints=True))
     system1 = ray_system_cpu()
     load1 = os.getloadavg()
     trials = experiment.trials() if code == 0 else None

@@ -27,8 +27,8 @@ import _common  # noqa: F401  (puts the repository on sys.path)
 import numpy as np
 import pandas as pd
 
-from trainer.experiment import Experiment, probs_array
-from trainer.metrics import METRICS
+from core.experiment import Experiment, probs_array
+from core.metrics import METRICS
 
 
 def test_accuracy(exp: Experiment, cid: str, labels: pd.Series, names: list[str]) -> float:
@@ -56,16 +56,16 @@ def measure(location: str) -> dict:
     test_ens = float(np.mean(sub["label"].to_numpy() == labels.loc[sub.iloc[:, 0]].to_numpy()))
     test_single = test_accuracy(exp, ens["best_single"], labels, names)
     cv = ens.get("cv", {})
-    from ensemble_builder.api import fit
+    from ensemble_builder.ensemble import fit
     plain = fit(location, 5, auto=False)      # the landed default: 50 greedy steps, no choice, no fallback
-    sign = 1 if METRICS[metric][1] else -1
+    sign = METRICS[metric].sign
     old_gain = sign * (plain.scores["ensemble"][metric] - plain.scores["best_single"][metric])
     return dict(experiment=os.path.basename(location), task=meta["task"], candidates=len(ens["candidates"]),
                 oof_images=len(exp.folds()), test_images=len(sub), chosen=str(cv.get("chosen", {}).get("name", "?")),
                 fallback=cv.get("fallback"), in_sample_50_steps=old_gain, in_sample_gain=in_sample,
                 cv_gain=cv.get("gain"),
                 test_gain=test_ens - test_single, test_ensemble=test_ens, test_best_single=test_single,
-                greater=METRICS[metric][1])
+                greater=METRICS[metric].greater_is_better)
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,7 @@ whole training set) and compares, on the same predictions:
 
 - the best single candidate (by the task's metric, out of fold),
 - the uniform mean of the top K candidates,
-- the greedy ensemble: ensemble_builder.selection.EnsembleSelection with 50
+- the greedy ensemble: ensemble_builder.greedy.EnsembleSelection with 50
   steps and at most K distinct members, as ``python -m ensemble_builder select --top K``.
 
 Reports out-of-fold accuracy and log loss, and test-split accuracy and log loss
@@ -61,7 +61,7 @@ def test_labels(c, test_ids: list[str]) -> np.ndarray | None:
     """Integer labels of the test samples from <data>/test_labels.csv, or None."""
     import pandas as pd
 
-    from trainer import storage
+    from core import storage
     data = c.meta.get("data")
     if not data:
         return None
@@ -94,15 +94,15 @@ def main() -> None:
     g.add_argument("--image-sizes")
     a = ap.parse_args()
 
+    from core import storage
+    from core.metrics import METRICS, accuracy, log_loss
     from ensemble_builder import candidates as cands
-    from ensemble_builder.selection import EnsembleSelection
-    from trainer import storage
-    from trainer.metrics import METRICS, accuracy, log_loss
+    from ensemble_builder.greedy import EnsembleSelection
 
     experiment = storage.absolute(a.experiment) if a.experiment else run_search(a)
     c = cands.load(experiment)
     metric = c.meta["metric"]
-    greater = METRICS[metric][1]
+    greater = METRICS[metric].greater_is_better
     m = len(c.ids)
     top = min(a.top, m)
 
@@ -110,7 +110,7 @@ def main() -> None:
     sel = EnsembleSelection(ensemble_size=a.steps, metric=metric, n_init=1, max_members=top,
                             random_state=a.seed).fit(c.P, c.y)
     select_s = time.perf_counter() - t0
-    single = np.array([METRICS[metric][0](c.y, p) for p in c.P])
+    single = np.array([METRICS[metric].fn(c.y, p) for p in c.P])
     ranked = np.argsort(-single if greater else single, kind="stable")
     best = int(ranked[0])
     members = np.flatnonzero(sel.weights_)
@@ -131,7 +131,7 @@ def main() -> None:
     for label, (weights, P) in blends.items():
         row = [label, f"{accuracy(c.y, P):.4f}", f"{log_loss(c.y, P):.4f}"]
         if metric not in ("accuracy", "log_loss"):
-            row.append(f"{METRICS[metric][0](c.y, P):.4f}")
+            row.append(f"{METRICS[metric].fn(c.y, P):.4f}")
         if y_test is not None:
             T = np.tensordot(np.asarray(weights, np.float64), test[1], axes=1)
             row += [f"{accuracy(y_test, T):.4f}", f"{log_loss(y_test, T):.4f}"]

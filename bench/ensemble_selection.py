@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from ensemble_builder.selection import EnsembleSelection  # noqa: E402
+from ensemble_builder.greedy import EnsembleSelection  # noqa: E402
 
 
 def make_candidates(m: int, n: int, C: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,8 +15,8 @@ import _common
 import numpy as np
 import pandas as pd
 
-from trainer.ensemble_gain import Pool
-from trainer.experiment import Experiment, probs_table
+from core.experiment import Experiment, probs_table
+from ensemble_builder.gain import Pool
 
 
 def main() -> None:

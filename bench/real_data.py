@@ -226,9 +226,9 @@ def read_parquet(path: str):
 
 def probs_array(table) -> np.ndarray:
     """The project's reader of the fixed-size-list probs column, wherever it lives now
-    (trainer.experiment, earlier trainer.storage or trainer.fit); the same few lines otherwise."""
+    (core.experiment, earlier core.storage or trainer.fit); the same few lines otherwise."""
     import importlib
-    for module in ("trainer.experiment", "trainer.storage", "trainer.fit"):
+    for module in ("core.experiment", "core.storage", "trainer.fit"):
         try:
             return importlib.import_module(module).probs_array(table)
         except (ImportError, AttributeError):

@@ -26,9 +26,9 @@ import _common  # noqa: E402  (puts the repository on sys.path)
 import numpy as np  # noqa: E402
 from ensemble_selection import make_candidates  # noqa: E402
 
+from core.metrics import METRICS  # noqa: E402
 from ensemble_builder.crossval import STEPS_GRID, SelectionCV  # noqa: E402
-from ensemble_builder.selection import EnsembleSelection  # noqa: E402
-from trainer.metrics import METRICS  # noqa: E402
+from ensemble_builder.greedy import EnsembleSelection  # noqa: E402
 
 SCRIPT = "selection_cv"
 TARGET_S = 1.0   # the cross-validation (folds' selections + settings search) must stay well under this
@@ -73,7 +73,7 @@ def main() -> None:
         t_plain, c_plain, _ = best_time(a.repeats, plain.fit, P, y)
         # what select now does on top of the one selection it always ran
         t_cv, c_cv = t_total - t_refit, c_total - c_refit
-        fn, sign = METRICS[metric][0], 1 if METRICS[metric][1] else -1
+        fn, sign = METRICS[metric].fn, METRICS[metric].sign
         single = sign * max(sign * fn(y, p) for p in P)
         in_sample_gain = sign * (fn(y, plain.predict_proba(P)) - single)
         rows.append([metric, a.folds, f"{t_cv:.3f}", f"{c_cv:.3f}", f"{t_total:.3f}", f"{t_refit:.3f}",

@@ -1,7 +1,7 @@
 """Benchmark: ensemble selection at scale, 1,000 candidates x 100,000 samples x 10 classes (issue #13).
 
 Writes a synthetic experiment as the search and cross-fit write one, through
-trainer.experiment: experiment.json, folds.parquet (round-robin folds, every
+core.experiment: experiment.json, folds.parquet (round-robin folds, every
 sample covered: cross-fitted candidates), candidates/<cid>/oof.parquet and
 test.parquet. A candidate's logits are ``skill * onehot(y)`` plus per-sample
 noise shared by all candidates (hard samples are hard for all) plus its own
@@ -15,7 +15,7 @@ Each size runs in fresh processes, so every peak is that size's own:
    runs it (a selection per fold over the 5/10/25/50 grid, the best-single
    fallback and the top-K, then the final fit on every sample), then the final
    fit alone again (so the cross-validation's own cost is the difference);
-2. ``ensemble_builder.api.select`` end to end: load, estimate, final fit,
+2. ``ensemble_builder.ensemble.select`` end to end: load, estimate, final fit,
    in-sample scores, ensemble.json and submission.csv.
 
 Wall and CPU time per phase; peak resident memory per phase sampled every
@@ -60,7 +60,7 @@ def softmax_rows(z: np.ndarray) -> np.ndarray:
 def write_experiment(root: str, m: int, n: int, C: int, folds: int, n_test: int, metric: str,
                      seed: int = 0) -> None:
     """The files ``select`` reads, one candidate at a time (never all in memory)."""
-    from trainer.experiment import Experiment, probs_table
+    from core.experiment import Experiment, probs_table
 
     rng = np.random.default_rng(seed)
     exp = Experiment(root)
@@ -126,14 +126,14 @@ def phases(root: str, metric: str, top: int) -> dict:
     """Load, the cross-validated estimate with its final fit, and the final fit alone (in this process)."""
     from ensemble_builder import candidates as cands
     from ensemble_builder.crossval import SelectionCV
-    from ensemble_builder.selection import EnsembleSelection
+    from ensemble_builder.greedy import EnsembleSelection
 
     out = dict(start_gib=rss() / GIB)
     with Phase() as p:
         c = cands.load(root)
     out["load"], out["dtype"], out["P_gib"] = p.row(), str(c.P.dtype), c.P.nbytes / GIB
     top = min(top, len(c.ids))
-    with Phase() as p:   # as api.fit runs it: the default grid, the fallback, --top distinct members
+    with Phase() as p:   # as ensemble.fit runs it: the default grid, the fallback, --top distinct members
         cv = SelectionCV(metric, max_members=top, top=top, random_state=0).fit(c.P, c.y, c.folds)
     out["cv"] = p.row()
     chosen = cv.settings_[cv.chosen_]
@@ -148,12 +148,12 @@ def phases(root: str, metric: str, top: int) -> dict:
 
 
 def end_to_end(root: str, top: int) -> dict:
-    """``ensemble_builder.api.select``: everything ``python -m ensemble_builder select`` computes and writes."""
-    from ensemble_builder import api
+    """``ensemble_builder.ensemble.select``: everything ``python -m ensemble_builder select`` computes and writes."""
+    from ensemble_builder import ensemble
 
     start = rss() / GIB
     with Phase() as p:
-        sel = api.select(root, top)
+        sel = ensemble.select(root, top)
     wrote = os.path.exists(os.path.join(root, "ensemble", "submission.csv"))
     return dict(select=p.row(), start_gib=start, maxrss_gib=maxrss_gib(), submission=wrote,
                 cv_seconds=sel.cv_seconds, members=len(sel.members))
@@ -198,7 +198,7 @@ def table(results: list[dict]) -> str:
         size = f"{r['candidates']:,} x {r['samples']:,} x {r['classes']}"
         for name, ph in (("load (parquet -> P)", p["load"]), ("SelectionCV.fit (CV + final fit)", p["cv"]),
                          ("  of which the CV estimate", cv_only), ("  of which the final fit", p["final"]),
-                         ("api.select end to end", e["select"])):
+                         ("ensemble.select end to end", e["select"])):
             peak = f"{ph['peak_gib']:.2f}" if "peak_gib" in ph else ""
             rows.append([size, r["metric"], p["dtype"], name, f"{ph['wall_s']:.1f}", f"{ph['cpu_s']:.1f}", peak])
         rows.append([size, r["metric"], p["dtype"], "process peak (ru_maxrss): phases / select",

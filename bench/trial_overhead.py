@@ -55,7 +55,7 @@ def in_process(ctx: dict, cpus: int, max_epochs: int) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    from trainer import storage
+    from core import storage
     from trainer.augment import AugPolicy, albumentations_pipeline, mix_batch
     from trainer.cache import cached_images
     from trainer.fit import CachedImages
@@ -240,13 +240,13 @@ def main() -> None:
 
     import pyarrow as pa
 
+    from core import storage
     from searchspace.tasks import digits
-    from trainer import storage
 
     cache_dir = os.path.abspath(a.cache_dir or os.path.join(a.workdir, "cache"))
     storage_root = os.path.abspath(os.path.join(a.workdir, "runs"))
     # Warm cache: data written and every 32 px entry built before anything is timed.
-    _, index, classes, key = _common.prepare_digits_cache(cache_dir, digits.BUDGET["folds"], a.seed, [32])
+    _, index, classes, key = _common.prepare_digits_cache(cache_dir, digits.BUDGET.folds, a.seed, [32])
     # (a) reads folds.parquet like a trial does: write the same index into a scratch experiment.
     prep = storage.join(storage_root, f"prep-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     storage.write_parquet(storage.join(prep, "folds.parquet"), pa.Table.from_pandas(index, preserve_index=False))
@@ -257,7 +257,7 @@ def main() -> None:
     table_rows, sums, imports = [], {}, {}
     print("\n(a) in a fresh interpreter per cpus value:", flush=True)
     for cpus in cpus_list:
-        res = in_fresh_process(ctx, cpus, a.repeats, digits.BUDGET["max_epochs"], a.workdir)
+        res = in_fresh_process(ctx, cpus, a.repeats, digits.BUDGET.max_epochs, a.workdir)
         runs, imports[cpus] = res["runs"], res["imports"]
         for r, one in enumerate(runs):
             print(f"  cpus {cpus} run {r + 1}: {sum(one.values()):.3f} s = "

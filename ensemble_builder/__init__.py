@@ -8,10 +8,10 @@ numpy, ``predict`` loads torch when it runs.
 
 
 def select(experiment: str | None = None, top: int = 5, **options):
-    from ensemble_builder.api import select as _select
+    from ensemble_builder.ensemble import select as _select
     return _select(experiment, top, **options)
 
 
 def predict(experiment: str, images: str, tta: bool = True, cache_dir: str | None = None):
-    from ensemble_builder.api import predict as _predict
+    from ensemble_builder.prediction import predict as _predict
     return _predict(experiment, images, tta=tta, cache_dir=cache_dir)

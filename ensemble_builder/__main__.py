@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import classification_report, confusion_matrix
 
-from ensemble_builder import api
+from core import storage
+from core.errors import BadInput
+from core.experiment import DEFAULT_RUNS
+from core.metrics import METRICS
+from ensemble_builder import ensemble
 from ensemble_builder.crossval import STEPS_GRID
-from trainer import storage
-from trainer.errors import BadInput
-from trainer.experiment import DEFAULT_RUNS
-from trainer.metrics import METRICS
 
 
 def score_table(rows: dict, metric: str, std: dict | None = None) -> str:
@@ -28,11 +28,11 @@ def score_table(rows: dict, metric: str, std: dict | None = None) -> str:
 
 def select(args) -> int:
     auto = not args.no_auto
-    api.check_numbers(args.top, args.steps, args.init, args.bags, args.seed)
-    sel = api.fit(args.experiment, args.top, metric=args.metric, steps=args.steps, init=args.init, bags=args.bags,
+    ensemble.check_numbers(args.top, args.steps, args.init, args.bags, args.seed)
+    sel = ensemble.fit(args.experiment, args.top, metric=args.metric, steps=args.steps, init=args.init, bags=args.bags,
                   seed=args.seed, auto=auto, runs=args.runs)
     c, metric, top, cv, chosen = sel.candidates, sel.metric, sel.top, sel.cv, sel.chosen
-    greater = METRICS[metric][1]
+    greater = METRICS[metric].greater_is_better
     print(f"experiment {sel.experiment}\n{len(c.ids)} candidate(s), "
           + ("cross-fitted: out-of-fold over all" if c.full_coverage else "holdout fold only:")
           + f" {len(c.y)} training images"
@@ -66,7 +66,7 @@ def select(args) -> int:
         print("without each fold, the selection chose: "
               + ", ".join(f"fold {f}: {name}" for f, name in cv.nested_choices_.items()))
 
-    single = {cid: METRICS[metric][0](c.y, c.P[i]) for i, cid in enumerate(c.ids)}
+    single = {cid: METRICS[metric].fn(c.y, c.P[i]) for i, cid in enumerate(c.ids)}
     table = pd.DataFrame([{"candidate": cid, "weight": w, "arch": c.configs[cid].get("arch"),
                            "image_size": c.configs[cid].get("image_size"), metric: single[cid]}
                           for cid, w in sel.members])
@@ -83,7 +83,7 @@ def select(args) -> int:
     print("confusion matrix (rows: true, columns: predicted):")
     print(pd.DataFrame(confusion_matrix(c.y, pred, labels=range(len(names))), index=names, columns=names).to_string())
 
-    ens_file, sub_file = api.write(sel, auto)
+    ens_file, sub_file = ensemble.write(sel, auto)
     print(f"\nwrote {ens_file}" + (f" and {sub_file} ({len(sel.test[0])} rows)" if sub_file
                                   else " (no submission: not every member has test predictions; "
                                        "cross-fit to get them)"))
@@ -91,7 +91,9 @@ def select(args) -> int:
 
 
 def predict(args) -> int:
-    out = api.predict(args.experiment, args.images, tta=not args.no_tta, cache_dir=args.cache_dir)
+    from ensemble_builder.prediction import predict as run_members  # loads torch: only when predicting
+
+    out = run_members(args.experiment, args.images, tta=not args.no_tta, cache_dir=args.cache_dir)
     storage.write_bytes(storage.absolute(args.out), out.to_csv(index=False, float_format="%.6f").encode())
     print(f"predicted {len(out)} image(s) with {out.attrs['models']} model(s); wrote {args.out}")
     return 0
@@ -116,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "turns bagging on or off (default: off; with --no-auto: on)")
     s.add_argument("--seed", type=int, default=0, help="random seed of bagging and of the random splits")
     s.add_argument("--no-auto", action="store_true",
-                   help=f"select with --steps (default {api.DEFAULT_STEPS}) and --bags as given: no choice of the "
+                   help=f"select with --steps (default {ensemble.DEFAULT_STEPS}) and --bags as given: no choice of the "
                         "step count and no fallback to the best single candidate by cross-validation")
     s.set_defaults(handler=select)
     r = sub.add_parser("predict", help="run the ensemble's members on new images and write a CSV")

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from trainer.errors import BadInput
-from trainer.experiment import Experiment, newest, probs_array
+from core.errors import BadInput
+from core.experiment import Experiment, newest, probs_array
 
 FLOAT16_ABOVE = 2**31   # bytes: a float32 P larger than this is held as float16 (1000 x 100k x 10 is 4 GB)
 
@@ -27,7 +27,7 @@ class Candidates:
 
 
 def newest_experiment(runs: str) -> str:
-    """The most recently created experiment under a runs folder (trainer.experiment.newest)."""
+    """The most recently created experiment under a runs folder (core.experiment.newest)."""
     return newest(runs)
 
 

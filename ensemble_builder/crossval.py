@@ -28,8 +28,8 @@ from collections.abc import Callable
 import numpy as np
 from sklearn.model_selection import KFold, StratifiedKFold
 
-from ensemble_builder.selection import EnsembleSelection, prepare
-from trainer.metrics import METRICS, mean_nll
+from core.metrics import METRICS, mean_nll
+from ensemble_builder.greedy import EnsembleSelection, prepare
 
 STEPS_GRID = (5, 10, 25, 50)   # greedy step counts tried when the user gives none
 RANDOM_SPLITS = 5              # folds drawn when the candidates cover the holdout fold only
@@ -39,7 +39,7 @@ _RANK_BLOCK = 64               # candidates per block when ranking them
 def metric_scores(y: np.ndarray, P: np.ndarray, names=tuple(METRICS)) -> dict:
     """The named metrics of one blend; ROC AUC only when y holds two classes or more."""
     P = np.asarray(P, np.promote_types(P.dtype, np.float32))   # a float16 candidate in float32
-    return {name: float(METRICS[name][0](y, P)) for name in names
+    return {name: float(METRICS[name].fn(y, P)) for name in names
             if name != "roc_auc" or len(np.unique(y)) > 1}
 
 
@@ -50,7 +50,8 @@ def ranker(P: np.ndarray, y: np.ndarray, metric: str) -> Callable[[np.ndarray], 
     once, so ranking on each fold's training samples costs a column mean. Both
     go over blocks of candidates: no float64 or int64 temporary of all candidates x samples.
     """
-    fn, greater = METRICS[metric]
+    m = METRICS[metric]
+    fn, greater = m.fn, m.greater_is_better
     m, n, C = P.shape
     p_true = np.take(P.reshape(m, -1), np.arange(n) * C + y, axis=1)   # (m, n), as the selector scores
     blocks = [slice(a, a + _RANK_BLOCK) for a in range(0, m, _RANK_BLOCK)]
@@ -110,7 +111,7 @@ def blend(P: np.ndarray, weights: np.ndarray, samples: np.ndarray) -> np.ndarray
 
 def spread(y: np.ndarray, pooled: np.ndarray, folds: np.ndarray, metric: str, names) -> dict:
     """Pooled scores (the named metrics) and the task metric per fold, with their mean and std over folds."""
-    fn = METRICS[metric][0]
+    fn = METRICS[metric].fn
     scores = metric_scores(y, pooled, names)
     per_fold = [float(fn(y[folds == f], pooled[folds == f])) for f in np.unique(folds)]
     return dict(scores=scores, folds=per_fold, mean=float(np.mean(per_fold)),
@@ -188,7 +189,7 @@ class SelectionCV:
 
     def _choose(self, settings: list[dict], scores: list[dict]) -> int:
         """The best setting by ``metric``; ties go to the lower log loss, then the simpler setting."""
-        sign = 1.0 if METRICS[self.metric][1] else -1.0
+        sign = METRICS[self.metric].sign
         return min(range(len(settings)), key=lambda i: (-sign * scores[i][self.metric], scores[i]["log_loss"],
                                                          settings[i]["bags"] > 0, settings[i]["steps"]))
 
@@ -249,7 +250,7 @@ class SelectionCV:
         names = [n for n in METRICS if n != "roc_auc" or n == self.metric]
         self.estimate_ = {name: spread(y, blends, folds, self.metric, names) for name, blends in
                           (("ensemble", ensemble), ("best_single", pooled[-2]), (f"uniform_top{top}", pooled[-1]))}
-        sign = 1.0 if METRICS[self.metric][1] else -1.0
+        sign = METRICS[self.metric].sign
         ens, single = self.estimate_["ensemble"], self.estimate_["best_single"]
         self.gain_ = sign * (ens["scores"][self.metric] - single["scores"][self.metric])
         self.gain_folds_ = [sign * (a - b) for a, b in zip(ens["folds"], single["folds"], strict=True)]

@@ -2,7 +2,7 @@
 
 
 def search(task: str, data: str | None = None, **options):
-    """Search and cross-fit ``task`` on ``data``; returns the ``trainer.experiment.Experiment``.
+    """Search and cross-fit ``task`` on ``data``; returns the ``core.experiment.Experiment``.
 
     The options are ``python -m searchspace.run``'s, with underscores
     (``trials=20, archs="convnext_small.fb_in22k", weights_dir=...``).

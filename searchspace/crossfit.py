@@ -21,14 +21,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from searchspace.prepare import Resources
+from core import storage
+from core.errors import BadInput
+from core.experiment import Experiment, TrialContext, aligned, probs_array, probs_table, ranked
+from core.metrics import METRICS
+from searchspace.config import Resources
 from searchspace.tuner import trainable
-from trainer import storage
-from trainer.errors import BadInput
-from trainer.experiment import Experiment, TrialContext, aligned, probs_array, probs_table, ranked
-from trainer.metrics import METRICS
 
-CROSSFIT_BY = ("complementarity", "score")
 # A config is eligible for the complementarity choice only when its fold-0
 # score is within this fraction of the best one: the greedy pick must not
 # chase a weak model whose holdout errors happen to fall elsewhere.
@@ -59,7 +58,7 @@ def choose(trials: pd.DataFrame, experiment: Experiment, top: int, mode: str, me
     first joined. If the greedy ensemble stops improving with fewer than
     ``top`` members, or fewer are eligible, the rest are filled by score.
     """
-    from ensemble_builder.selection import EnsembleSelection
+    from ensemble_builder.greedy import EnsembleSelection
 
     rows, seen = [], set()
     pool = eligible(trials, mode) if by == "complementarity" else trials.iloc[:0]
@@ -200,7 +199,7 @@ def crossfit(experiment: Experiment, res: Resources, top: int | None = None, tta
     for cid in complete:
         oof = experiment.candidate(cid).oof()
         y = labels.loc[oof.column("sample_id").to_pylist()].to_numpy()
-        score = METRICS[meta["metric"]][0](y, probs_array(oof))
+        score = METRICS[meta["metric"]].fn(y, probs_array(oof))
         print(f"  {cid}: out-of-fold {meta['metric']} {score:.4f} over {len(y)} images")
     print(f"cross-fit: {len(complete)}/{len(cids)} config(s) complete in {experiment.candidates_dir}")
     return 0 if len(complete) == len(cids) else 1

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
-from trainer import storage
-from trainer.errors import BadInput
+from core import storage
+from core.errors import BadInput
 from trainer.images import IMAGE_SUFFIXES
 
 

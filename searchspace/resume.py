@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import time
 
+from core import storage
+from core.errors import BadInput
+from core.experiment import Experiment, TrialContext
+from searchspace.config import Resources
 from searchspace.crossfit import crossfit
-from searchspace.prepare import Resources
+from searchspace.ray_start import start_ray
 from searchspace.tuner import finish_search, trainable
-from trainer import storage
-from trainer.errors import BadInput
-from trainer.experiment import Experiment, TrialContext
 
 _LOST_CHECKPOINT = "does not exist on storage anymore"   # Ray's restore error for a deleted checkpoint
 
 
-def resume(experiment: Experiment, task_name: str, res: Resources, cache_dir: str, start_ray,
+def resume(experiment: Experiment, task_name: str, res: Resources, cache_dir: str,
            crossfit_top: int | None = None, tta: bool = True, crossfit_by: str | None = None) -> int:
     """``Tuner.restore`` keeps Tune's and the searcher's state (the Optuna study); then the cross-fit."""
     from ray import tune

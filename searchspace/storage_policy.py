@@ -28,8 +28,8 @@ import contextlib
 import pandas as pd
 from ray.tune import Callback
 
-from trainer import storage
-from trainer.experiment import MODEL_FILE, TRAIN_STATE_FILE, Checkpoint, Experiment
+from core import storage
+from core.experiment import MODEL_FILE, TRAIN_STATE_FILE, Checkpoint, Experiment
 
 
 def prune(experiment: Experiment, trials: pd.DataFrame | None = None) -> dict:

@@ -12,9 +12,11 @@ import time
 
 import pandas as pd
 
-from searchspace.prepare import Resources, mode_of
-from trainer import storage
-from trainer.experiment import Checkpoint, Experiment, TrialContext, open_journal, ranked
+from core import storage
+from core.experiment import Checkpoint, Experiment, TrialContext, open_journal, ranked
+from core.metrics import METRICS
+from searchspace.config import Resources, SearchConfig
+from searchspace.tasks import Task
 
 
 def study_file(experiment: Experiment, cache_dir: str) -> str:
@@ -38,11 +40,14 @@ def concurrency(res: Resources) -> int:
 
 
 def trainable(ctx: TrialContext, res: Resources, crossfit: bool = False):
+    """The Tune trainable of a search trial (each epoch also reports its ensemble gain) or a cross-fit job."""
     from ray import tune
 
+    from ensemble_builder.gain import PoolGain
     from trainer.fit import crossfit_fold, train_trial
-    return tune.with_resources(tune.with_parameters(crossfit_fold if crossfit else train_trial, ctx=ctx),
-                               {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+    fn = (tune.with_parameters(crossfit_fold, ctx=ctx) if crossfit else
+          tune.with_parameters(train_trial, ctx=ctx, epoch_metrics=PoolGain(ctx.experiment, ctx.metric)))
+    return tune.with_resources(fn, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
 
 
 def sampler(seed: int):
@@ -58,21 +63,17 @@ def sampler(seed: int):
         return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True, group=True)
 
 
-def portfolio(task, archs: dict, has_weights: dict, search_pretrained: bool, trials: int) -> list[dict]:
+def portfolio(task: Task, archs: dict, has_weights: dict, search_pretrained: bool, trials: int) -> list[dict]:
     """The task's portfolio as the first trials: a third of the budget, or every allowed architecture
     once when that is more and takes at most half the budget; at least one trial."""
     from searchspace.tasks._space import portfolio_points
 
     limit = max(1, trials // 3, min(len(archs), trials // 2))
-    return portfolio_points(getattr(task, "PORTFOLIO", []), task.DEFAULT_RECIPE, archs, has_weights,
+    return portfolio_points(task.portfolio, task.default_recipe, archs, has_weights,
                             search_pretrained, limit=limit)
 
 
-OBJECTIVES = ("own", "ensemble")
-
-
-def build_tuner(task, ctx: TrialContext, b: dict, archs: dict, res: Resources, seed: int, cache_dir: str,
-                use_portfolio: bool = True, objective: str = "own"):
+def build_tuner(task: Task, ctx: TrialContext, config: SearchConfig, archs: dict, cache_dir: str):
     """The Tuner, OptunaSearch and ASHAScheduler, built together in one place.
 
     ``objective="ensemble"``: the searcher maximises each trial's ``ensemble_gain``
@@ -92,8 +93,9 @@ def build_tuner(task, ctx: TrialContext, b: dict, archs: dict, res: Resources, s
     from searchspace.searcher import TruthfulOptunaSearch
     from searchspace.storage_policy import KeepLatest
 
+    b, res, opts = config.budget, config.resources, config.options
     experiment = Experiment(ctx.experiment)
-    metric, mode = task.METRIC, mode_of(task.METRIC)
+    metric, mode = task.metric, METRICS[task.metric].mode
     fs, root = storage.resolve(experiment.location)
     parent, name = root.rsplit("/", 1)
     # OptunaSearch needs metric and mode itself with a define-by-run space;
@@ -102,29 +104,30 @@ def build_tuner(task, ctx: TrialContext, b: dict, archs: dict, res: Resources, s
     # ASHA-stopped trials are told PRUNED, not COMPLETE with an early score.
     # The portfolio's known-good, mutually different configs are enqueued as the first trials.
     has_weights = {arch: ctx.weights.get(arch) is not None for arch in archs}
-    first = portfolio(task, archs, has_weights, ctx.search_pretrained, b["trials"]) if use_portfolio else []
+    first = portfolio(task, archs, has_weights, ctx.search_pretrained, b.trials) if opts.portfolio else []
     searcher = TruthfulOptunaSearch(
         space=functools.partial(task.define_search_space, archs=archs, pretrained=has_weights,
                                 search_pretrained=ctx.search_pretrained),
-        metric="ensemble_gain" if objective == "ensemble" else metric,
-        mode="max" if objective == "ensemble" else mode, sampler=sampler(seed), points_to_evaluate=first or None,
-        study_name=name, storage=open_journal(study_file(experiment, cache_dir)), max_t=b["max_epochs"])
+        metric="ensemble_gain" if opts.objective == "ensemble" else metric,
+        mode="max" if opts.objective == "ensemble" else mode, sampler=sampler(opts.seed),
+        points_to_evaluate=first or None, study_name=name, storage=open_journal(study_file(experiment, cache_dir)),
+        max_t=b.max_epochs)
     # The limiter also sets how many trials Tune samples ahead; without it
     # Tune keeps one pending trial and a second slot idles while actors start.
     searcher = ConcurrencyLimiter(searcher, max_concurrent=res.max_concurrent or concurrency(res))
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=b["max_epochs"],
-                              grace_period=b["grace_period"], reduction_factor=b["reduction_factor"])
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=b.max_epochs,
+                              grace_period=b.grace_period, reduction_factor=b.reduction_factor)
     return tune.Tuner(
         trainable(ctx, res),
         tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
-                                    num_samples=b["trials"], reuse_actors=True),
+                                    num_samples=b.trials, reuse_actors=True),
         run_config=tune.RunConfig(
             name=name, storage_path=parent, storage_filesystem=fs, verbose=0,
             # The latest checkpoints only: a retry resumes from the last, a trial's candidate is
             # its final epoch (never an epoch picked on the holdout), and a completed trial's
             # final checkpoint is fold 0 of its cross-fit. KeepLatest deletes the older ones, not
             # Ray (num_to_keep would make Ray snapshot every trial at every checkpoint).
-            callbacks=[Progress(metric, mode, b["max_epochs"], b["trials"]), KeepLatest()],
+            callbacks=[Progress(metric, mode, b.max_epochs, b.trials), KeepLatest()],
             failure_config=tune.FailureConfig(max_failures=res.max_failures)))
 
 
@@ -143,7 +146,7 @@ def collect(results, metric: str, experiment: Experiment, max_epochs: int) -> pd
     ``best_score``/``best_epoch`` are kept to show the learning curve's peak.
     ``completed``: the trial ran its whole schedule (ASHA did not stop it).
     """
-    mode = mode_of(metric)
+    mode = METRICS[metric].mode
     rows = []
     for result in results:
         config = {k: v for k, v in (result.config or {}).items() if not k.startswith("image_size_")}
@@ -223,6 +226,6 @@ def finish_search(experiment: Experiment, results, metric: str, max_epochs: int,
         with open(journal_file, "rb") as f:
             storage.write_bytes(experiment.study_file, f.read())
     print(f"\nsearch finished in {time.time() - start:.0f} s; leaderboard ({metric} on fold 0):")
-    print(leaderboard(trials, metric, mode_of(metric)))
+    print(leaderboard(trials, metric, METRICS[metric].mode))
     print(f"\nwrote {experiment.trials_file} and {int(trials['checkpoint'].notna().sum())} candidates")
     return trials

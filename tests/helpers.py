@@ -241,18 +241,18 @@ def prepare_experiment(argv: list[str], experiment):
     ``argv`` is a searchspace.run command line; folds.parquet, test.parquet
     and experiment.json are written under ``experiment``.
     """
-    from searchspace.api import prepare_only
+    import dataclasses
+
+    from searchspace.api import prepare_search
+    from searchspace.config import SearchConfig
     from searchspace.run import parse_args
 
-    options = vars(parse_args(argv))
-    for key in ("crossfit_only", "experiment", "resume"):
-        options.pop(key)
-    options["tta"] = not options.pop("no_tta")
-    options["portfolio"] = not options.pop("no_portfolio")
-    task = options.pop("task")
+    args = parse_args(argv)
+    config = SearchConfig.from_args(args)
     experiment = str(experiment)
-    options["storage"], options["name"] = os.path.dirname(experiment), os.path.basename(experiment)
-    return prepare_only(task, **options)
+    options = dataclasses.replace(config.options, storage=os.path.dirname(experiment),
+                                  name=os.path.basename(experiment))
+    return prepare_search(args.task, args.data, dataclasses.replace(config, options=options)).ctx
 
 
 # --- offline weights ----------------------------------------------------------

@@ -46,7 +46,7 @@ import ray
 from helpers import make_paddy, without_session_ray, write_weights
 from ray.cluster_utils import Cluster
 
-from trainer.experiment import Experiment
+from core.experiment import Experiment
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 

@@ -8,7 +8,7 @@ a worker only inherits environment variables that were set before Ray started.
 The server (``moto_endpoint``) and the boto3 client (``s3``) are conftest
 fixtures; ``uri`` and ``MOTO_CREDENTIALS`` come from helpers.py.
 
-- ``test_storage_roundtrip_s3``: trainer.storage's read/write/list helpers
+- ``test_storage_roundtrip_s3``: core.storage's read/write/list helpers
   against the server, checked object by object with boto3.
 - ``test_search_and_select_in_bucket`` (slow): the whole pipeline with both
   ``--data`` and ``--storage`` in the bucket; every artifact of the experiment
@@ -35,7 +35,7 @@ pytest.importorskip("moto")
 
 from helpers import MOTO_CREDENTIALS, make_paddy, uri, without_session_ray, write_weights  # noqa: E402
 
-from trainer import storage  # noqa: E402
+from core import storage  # noqa: E402
 
 
 def keys(client, bucket: str, prefix: str = "") -> list[str]:
@@ -45,7 +45,7 @@ def keys(client, bucket: str, prefix: str = "") -> list[str]:
     return sorted(out)
 
 
-# --- trainer.storage against the server -----------------------------------------------
+# --- core.storage against the server -----------------------------------------------
 
 def test_storage_roundtrip_s3(s3):
     s3.create_bucket(Bucket="roundtrip")
@@ -124,9 +124,9 @@ def _local_artifacts(*roots) -> list[str]:
 
 @pytest.mark.slow
 def test_search_and_select_in_bucket(own_ray, s3, tmp_path):
+    from core.experiment import STUDY_FILE
     from ensemble_builder.__main__ import main as ensemble_main
     from searchspace.run import main
-    from trainer.experiment import STUDY_FILE
 
     ep = s3.endpoint
     s3.create_bucket(Bucket="bkt")

@@ -33,8 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from filelock import FileLock
 
+from core.errors import BadInput
 from trainer import images
-from trainer.errors import BadInput
 
 CHUNK_BYTES = 8 << 20     # decoded pixels held in memory at once
 CHECKPOINT_S = 5.0        # seconds between syncs of the partial file (a killed build loses at most this)

@@ -27,11 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer import storage
-from trainer.augment import AugPolicy, albumentations_pipeline, kornia_pipeline, mix_batch
-from trainer.cache import cached_images
-from trainer.ensemble_gain import Pool
-from trainer.experiment import (
+from core import storage
+from core.experiment import (
     CONFIG_FILE,
     HOLDOUT_FILE,
     MODEL_FILE,
@@ -40,8 +37,10 @@ from trainer.experiment import (
     TrialContext,
     probs_table,
 )
+from core.metrics import METRICS, log_loss
+from trainer.augment import AugPolicy, albumentations_pipeline, kornia_pipeline, mix_batch
+from trainer.cache import cached_images
 from trainer.inference import norm_stats, predict_probs, save_weights, to_input
-from trainer.metrics import METRICS, log_loss
 from trainer.model import class_weights, create
 from trainer.recipe import Recipe, lr_factor
 
@@ -191,7 +190,7 @@ class Run:
         y = self.labels[self.hold_rows]
         name = self.ctx.metric
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        return {name: METRICS[name][0](y, probs), "val_loss": log_loss(y, probs), "epoch": epoch,
+        return {name: METRICS[name].fn(y, probs), "val_loss": log_loss(y, probs), "epoch": epoch,
                 "fold": self.fold, "node_id": node}, probs
 
     def report(self, metrics: dict, probs: np.ndarray) -> None:
@@ -212,32 +211,26 @@ def _quiet() -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint otherwise
 
 
-_POOLS: dict[str, Pool] = {}   # per experiment: a reused actor reads only the new pool entries
-
-
-def train_trial(config: dict, ctx: TrialContext) -> None:
+def train_trial(config: dict, ctx: TrialContext, epoch_metrics=None) -> None:
     """A search trial: the config on fold 0 for the run's whole schedule, one report per epoch.
 
-    Every report carries ``ensemble_gain``: how much this epoch's holdout
-    predictions raise the greedy ensemble of the trials finished so far. A
-    trial that runs its whole schedule joins that pool with its final epoch.
+    ``epoch_metrics(trial_id, sample_ids, labels, probs, final)``, when given,
+    returns more metrics for each epoch's report from the holdout predictions
+    (the driver passes ``ensemble_builder.gain.PoolGain``: how much they raise
+    the greedy ensemble of the trials finished so far). The trainer knows
+    nothing of ensembles: it only reports what it is handed.
     """
     from ray import tune
 
     _quiet()
     run = Run(config, ctx, fold=0, epochs=int(ctx.max_epochs))
     trial_id = tune.get_context().get_trial_id()
-    pool = _POOLS.get(ctx.experiment)
-    if pool is None:
-        pool = _POOLS[ctx.experiment] = Pool(ctx.experiment, run.hold_ids, run.labels[run.hold_rows], ctx.metric)
+    labels = run.labels[run.hold_rows]
     for epoch in range(run.restore(tune.get_checkpoint()), run.epochs):
         train_loss, images_per_s = run.train_epoch()
         metrics, probs = run.evaluate(epoch + 1)
-        gain, pooled, seconds = pool.gain(probs, exclude=trial_id)
-        if epoch + 1 == run.epochs:
-            run.experiment.write_pool(trial_id, probs_table(run.hold_ids, probs))
-        run.report({**metrics, "train_loss": train_loss, "images_per_s": images_per_s, "ensemble_gain": gain,
-                    "pool_size": pooled, "ensemble_gain_s": seconds}, probs)
+        more = epoch_metrics(trial_id, run.hold_ids, labels, probs, epoch + 1 == run.epochs) if epoch_metrics else {}
+        run.report({**metrics, "train_loss": train_loss, "images_per_s": images_per_s, **more}, probs)
 
 
 def crossfit_fold(config: dict, ctx: TrialContext) -> None:

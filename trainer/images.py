@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image
 
-from trainer import storage
+from core import storage
 from trainer.scan_cache import CheckCache, Identity
 
 RESIZE_MODES = ("squish", "crop", "letterbox")

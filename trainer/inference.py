@@ -6,9 +6,9 @@ import io
 import numpy as np
 import torch
 
+from core import storage
+from core.experiment import Checkpoint
 from trainer import model as models
-from trainer import storage
-from trainer.experiment import Checkpoint
 
 
 def to_input(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, augment=None) -> torch.Tensor:

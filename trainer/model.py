@@ -4,7 +4,7 @@ from __future__ import annotations
 import timm
 import torch
 
-from trainer.errors import BadInput
+from core.errors import BadInput
 
 
 def check_arch(name: str) -> None:

@@ -20,7 +20,7 @@ import sys
 import urllib.parse
 from dataclasses import dataclass
 
-from trainer.errors import BadInput
+from core.errors import BadInput
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 HUB_TIMEOUT_S = 3.0

@@ -2,7 +2,7 @@
 
 Reads what the search, the cross-fit and ``ensemble_builder select`` wrote
 (docs/design.md has the contract) and writes ``report/index.html`` with its PNG
-figures into the experiment, through trainer.storage, so a bucket works like
+figures into the experiment, through core.storage, so a bucket works like
 a local folder. The page is static (inline CSS, no script, relative image
 paths): copy the folder anywhere, or sync it from the bucket, and open it.
 
@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from core import experiment as contract
+from core import storage
+from core.errors import BadInput
+from core.experiment import DEFAULT_RUNS
 from searchspace.report.figures import fig_trajectory
 from searchspace.report.load import Experiment, cv_score, load
 from searchspace.report.page import build, cv_section
-from trainer import experiment as contract
-from trainer import storage
-from trainer.errors import BadInput
-from trainer.experiment import DEFAULT_RUNS
 
 __all__ = ["Experiment", "build", "cv_score", "cv_section", "fig_trajectory", "load", "main", "parse_args"]
 

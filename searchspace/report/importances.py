@@ -9,9 +9,9 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from core import storage
+from core.experiment import STUDY_FILE, TRIALS_FILE
 from searchspace.report.load import LOG_SCALE, Experiment, hyperparameters, is_categorical, python_value, sort_key
-from trainer import storage
-from trainer.experiment import STUDY_FILE, TRIALS_FILE
 
 # Optuna storage files that the search may leave in the experiment, first found wins.
 STUDY_FILES = (STUDY_FILE,)

@@ -1,6 +1,6 @@
 """Reading an experiment for the report: the files the search, the cross-fit and ``select`` wrote.
 
-The contract's files are read through ``trainer.experiment`` (imported as
+The contract's files are read through ``core.experiment`` (imported as
 ``contract``: this module's own ``Experiment`` is the report's view of one).
 Ray's own trial folders (``result.json``) are read here.
 """
@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from trainer import experiment as contract
-from trainer import storage
-from trainer.errors import BadInput
+from core import experiment as contract
+from core import storage
+from core.errors import BadInput
 
 # trials.parquet columns that are results, not hyperparameters.
 RESULT_COLUMNS = {"trial_id", "metric", "best_score", "best_epoch", "epochs_run", "stopped_early",

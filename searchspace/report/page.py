@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from core import storage
 from searchspace.report import figures
 from searchspace.report.html import document, duration, esc, figure, fmt, lines, plural, table
 from searchspace.report.importances import Study, param_importance, study_importances
@@ -22,7 +23,6 @@ from searchspace.report.load import (
     python_value,
     search_wall_seconds,
 )
-from trainer import storage
 
 # Leaderboard hyperparameters shown before the most important others.
 KEY_PARAMS = ["optimizer", "lr", "batch_size"]

@@ -1,20 +1,14 @@
-"""Tasks by name. Each module has METRIC, BUDGET, ARCHS, define_search_space and load."""
+"""Tasks by name: each a ``Task`` (``searchspace.tasks.task``), defined in a module of its own."""
 from __future__ import annotations
 
-from types import ModuleType
-
+from core.errors import BadInput
 from searchspace.tasks import deepfake, digits, imagefolder, paddy
-from trainer.errors import BadInput
+from searchspace.tasks.task import Task
 
-TASKS: dict[str, ModuleType] = {
-    "digits": digits,
-    "paddy": paddy,
-    "deepfake": deepfake,
-    "imagefolder": imagefolder,
-}
+TASKS: dict[str, Task] = {t.name: t for t in (digits.TASK, paddy.TASK, deepfake.TASK, imagefolder.TASK)}
 
 
-def get_task(name: str) -> ModuleType:
+def get_task(name: str) -> Task:
     if name not in TASKS:
         raise BadInput(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     return TASKS[name]

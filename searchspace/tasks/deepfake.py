@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import pandas as pd
 
+from core import storage
+from core.errors import BadInput
+from searchspace.config import Budget
 from searchspace.data import Dataset, folder_classes, image_files, match_ids, read_csv, require_dir
 from searchspace.tasks._space import BASE_RECIPE, suggest_recipe
-from trainer import storage
-from trainer.errors import BadInput
+from searchspace.tasks.task import Task
 
 METRIC = "accuracy"
-BUDGET = dict(trials=40, max_epochs=12, grace_period=2, reduction_factor=3, folds=5, crossfit_top=5)
+BUDGET = Budget(trials=40, max_epochs=12, grace_period=2, reduction_factor=3, folds=5, crossfit_top=5)
 ARCHS = {
     "resnet50": [128, 224],
     "convnext_small.fb_in22k": [224],
@@ -108,3 +110,7 @@ def _load_csv(data: str) -> Dataset:
     elif storage.exists(storage.join(data, "test.csv")):
         raise BadInput(f"{storage.join(data, 'test.csv')}: lists test images but there is no test/ folder")
     return Dataset(train=pd.concat(parts, ignore_index=True), test=test)
+
+
+TASK = Task("deepfake", load=load, define_search_space=define_search_space, budget=BUDGET, archs=ARCHS,
+            default_recipe=DEFAULT_RECIPE, metric=METRIC, portfolio=PORTFOLIO)

@@ -16,12 +16,14 @@ from filelock import FileLock
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from searchspace.config import Budget
 from searchspace.data import Dataset
 from searchspace.tasks import paddy
 from searchspace.tasks._space import BASE_RECIPE, suggest_recipe
+from searchspace.tasks.task import Task
 
 METRIC = "accuracy"
-BUDGET = dict(trials=16, max_epochs=9, grace_period=1, reduction_factor=4, folds=5, crossfit_top=4)
+BUDGET = Budget(trials=16, max_epochs=9, grace_period=1, reduction_factor=4, folds=5, crossfit_top=4)
 ARCHS = {
     "test_resnet": [16, 24, 32],
     "test_efficientnet": [24, 32],
@@ -87,3 +89,8 @@ def _png(path: str, img8x8: np.ndarray) -> None:
     # real resize, as it is for photos.
     img = (img8x8 * (255 / 16)).astype(np.uint8)
     cv2.imwrite(path, cv2.resize(img, (32, 32), interpolation=cv2.INTER_CUBIC))
+
+
+TASK = Task("digits", load=load, define_search_space=define_search_space, budget=BUDGET, archs=ARCHS,
+            default_recipe=DEFAULT_RECIPE, metric=METRIC, portfolio=PORTFOLIO, pretrained=PRETRAINED, flip_tta=FLIP_TTA,
+            default_data=default_data)

@@ -4,12 +4,14 @@ An optional DIR/test/ folder (flat) holds unlabelled test images.
 """
 from __future__ import annotations
 
+from core import storage
+from searchspace.config import Budget
 from searchspace.data import Dataset, flat_test, folder_classes, image_files, require_dir
 from searchspace.tasks._space import BASE_RECIPE, suggest_recipe
-from trainer import storage
+from searchspace.tasks.task import Task
 
 METRIC = "accuracy"
-BUDGET = dict(trials=30, max_epochs=10, grace_period=2, reduction_factor=3, folds=5, crossfit_top=4)
+BUDGET = Budget(trials=30, max_epochs=10, grace_period=2, reduction_factor=3, folds=5, crossfit_top=4)
 ARCHS = {
     "resnet50": [224],
     "convnext_small.fb_in22k": [224],
@@ -38,3 +40,7 @@ def load(data: str) -> Dataset:
     root = storage.join(data, "train") if storage.is_dir(storage.join(data, "train")) else data
     files = image_files(root, skip=("test/",))
     return Dataset(train=folder_classes(root, files), test=flat_test(storage.join(data, "test")))
+
+
+TASK = Task("imagefolder", load=load, define_search_space=define_search_space, budget=BUDGET, archs=ARCHS,
+            default_recipe=DEFAULT_RECIPE, metric=METRIC, portfolio=PORTFOLIO)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import pandas as pd
 
+from core import storage
+from searchspace.config import Budget
 from searchspace.data import Dataset, flat_test, image_files, match_ids, read_csv, require_dir, safe_relative
 from searchspace.tasks._space import BASE_RECIPE, suggest_recipe
-from trainer import storage
+from searchspace.tasks.task import Task
 
 METRIC = "accuracy"
-BUDGET = dict(trials=40, max_epochs=12, grace_period=2, reduction_factor=3, folds=5, crossfit_top=5)
+BUDGET = Budget(trials=40, max_epochs=12, grace_period=2, reduction_factor=3, folds=5, crossfit_top=5)
 ARCHS = {
     "resnet50": [224, 256],
     "resnet101": [224, 256],
@@ -60,3 +62,7 @@ def load(data: str) -> Dataset:
     if storage.exists(sample):
         order = read_csv(sample, ["image_id", "label"])["image_id"].tolist()
     return Dataset(train=train, test=test, submission_order=order)
+
+
+TASK = Task("paddy", load=load, define_search_space=define_search_space, budget=BUDGET, archs=ARCHS,
+            default_recipe=DEFAULT_RECIPE, metric=METRIC, portfolio=PORTFOLIO)

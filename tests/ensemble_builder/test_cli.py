@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from core.experiment import probs_table
 from ensemble_builder.__main__ import main
-from trainer.experiment import probs_table
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from core.experiment import probs_table
+from core.metrics import METRICS, accuracy, log_loss
 from ensemble_builder.__main__ import main
 from ensemble_builder.crossval import SelectionCV, prefix_weights, random_folds, rank_candidates
-from ensemble_builder.selection import EnsembleSelection
-from trainer.experiment import probs_table
-from trainer.metrics import METRICS, accuracy, log_loss
+from ensemble_builder.greedy import EnsembleSelection
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -56,7 +56,8 @@ def test_rank_is_the_selectors_order():
     for metric in ("accuracy", "log_loss", "f1_macro"):
         rank = rank_candidates(P, y, metric)
         assert rank[0] == EnsembleSelection(1, metric).fit(P, y).indices_[0]
-        fn, greater = METRICS[metric]
+        m = METRICS[metric]
+        fn, greater = m.fn, m.greater_is_better
         scores = [fn(y, P[i]) for i in rank]
         assert scores == sorted(scores, reverse=greater)
         assert list(rank).index(2) < list(rank).index(7)

@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np, pandas as pd
-    from trainer.experiment import Experiment, probs_table
+    from core.experiment import Experiment, probs_table
     exp = Experiment(sys.argv[1])
     rng = np.random.default_rng(0)
     n, ids = 40, [f"s{i}" for i in range(40)]

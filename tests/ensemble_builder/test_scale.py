@@ -7,13 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ensemble_builder import api, crossval, selection
+from core.errors import BadInput
+from core.experiment import Experiment, probs_table
+from core.metrics import METRICS
 from ensemble_builder import candidates as cands
+from ensemble_builder import crossval, ensemble, greedy
 from ensemble_builder.crossval import SelectionCV, rank_candidates
-from ensemble_builder.selection import EnsembleSelection
-from trainer.errors import BadInput
-from trainer.experiment import Experiment, probs_table
-from trainer.metrics import METRICS
+from ensemble_builder.greedy import EnsembleSelection
 
 SCORED = ["accuracy", "log_loss", "f1_macro"]
 
@@ -51,7 +51,7 @@ def test_float16_is_float32_within_rounding(metric):
     assert b.all_indices_[0] == a.all_indices_[0]   # the best single candidate
     # float32's picks blended from float16 probabilities: about 1e-5 of log loss, and an argmax
     # flips only where two classes were within float16 rounding (a sample or two of 500)
-    fn, tol = METRICS[metric][0], 1e-4 if metric == "log_loss" else 2 / len(y)
+    fn, tol = METRICS[metric].fn, 1e-4 if metric == "log_loss" else 2 / len(y)
     S32, S16 = np.zeros(P.shape[1:], np.float32), np.zeros(P.shape[1:], np.float32)
     for k, c in enumerate(a.all_indices_):
         S32 += P[c]
@@ -75,7 +75,7 @@ def test_blocks_smaller_than_the_candidates_change_nothing(metric, monkeypatch):
     whole_rank = rank_candidates(P, y, metric)
     whole = EnsembleSelection(30, metric, max_members=6).fit(P, y)
     monkeypatch.setattr(crossval, "_RANK_BLOCK", 3)             # ranking: 3 candidates at a time
-    monkeypatch.setattr(selection, "_BLOCK_BYTES", 70 * 5 * 4)  # accuracy/F1 scorer: one sample per block
+    monkeypatch.setattr(greedy, "_BLOCK_BYTES", 70 * 5 * 4)  # accuracy/F1 scorer: one sample per block
     assert np.array_equal(rank_candidates(P, y, metric), whole_rank)
     same_fit(EnsembleSelection(30, metric, max_members=6).fit(P, y), whole)
 
@@ -83,7 +83,7 @@ def test_blocks_smaller_than_the_candidates_change_nothing(metric, monkeypatch):
 # --- loading -------------------------------------------------------------------------
 
 def write_experiment(root, P: np.ndarray, y: np.ndarray, shuffle: bool = False):
-    """Through trainer.experiment, as the cross-fit writes it; ``shuffle``: each file's rows in its own order."""
+    """Through core.experiment, as the cross-fit writes it; ``shuffle``: each file's rows in its own order."""
     rng = np.random.default_rng(0)
     exp = Experiment(str(root))
     ids = [f"img{i:04d}.png" for i in range(len(y))]
@@ -111,7 +111,7 @@ def test_large_experiments_select_on_float16_end_to_end(tmp_path, monkeypatch, c
     P, y = candidates(m=12, n=300)
     exp = write_experiment(tmp_path / "exp", P, y)
     monkeypatch.setattr(cands, "FLOAT16_ABOVE", P.nbytes - 1)   # this experiment counts as large
-    sel = api.select(exp.location)
+    sel = ensemble.select(exp.location)
     assert sel.candidates.P.dtype == np.float16
     expect = SelectionCV("accuracy", max_members=5, top=5).fit(P.astype(np.float16).astype(np.float32), y,
                                                               np.arange(len(y)) % 5)

@@ -7,8 +7,8 @@ from helpers import make_imagefolder
 
 import ensemble_builder
 import searchspace
-from trainer.errors import BadInput
-from trainer.experiment import Experiment, probs_array
+from core.errors import BadInput
+from core.experiment import Experiment, probs_array
 
 
 def test_the_readme_notebook_example_runs(tmp_path, ray_session):

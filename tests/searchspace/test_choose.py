@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.experiment import Experiment, probs_table
+from core.metrics import accuracy
 from searchspace.crossfit import choose, crossfit_jobs, eligible
-from trainer.experiment import Experiment, probs_table
-from trainer.metrics import accuracy
 
 N = 100
 

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from helpers import make_paddy
 
+from core.experiment import STUDY_FILE, Experiment, open_journal
 from searchspace.run import main
-from trainer.experiment import STUDY_FILE, Experiment, open_journal
 
 
 def test_the_study_records_ensemble_gains_and_asha_stops_on_accuracy(tmp_path, ray_session):

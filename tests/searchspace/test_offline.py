@@ -19,12 +19,12 @@ import pandas as pd
 import pytest
 from helpers import make_deepfake_folders, make_imagefolder, make_paddy, prepare_experiment
 
+from core.experiment import STUDY_FILE, open_journal
 from searchspace.data import SkippedFiles
 from searchspace.run import main
 from searchspace.searcher import TruthfulOptunaSearch
 from searchspace.tasks import deepfake, imagefolder, paddy
 from searchspace.tasks._space import LR_FINETUNE, LR_SCRATCH
-from trainer.experiment import STUDY_FILE, open_journal
 
 
 @pytest.fixture

@@ -49,9 +49,9 @@ def test_an_architecture_without_weights_gets_the_scratch_learning_rate():
 @pytest.mark.parametrize("weights", [True, False])
 def test_every_task_s_space_takes_its_portfolio_as_given(name, weights):
     task = TASKS[name]
-    has = {a: weights for a in task.ARCHS}
-    points = portfolio_points(getattr(task, "PORTFOLIO", []), task.DEFAULT_RECIPE, task.ARCHS, has)
-    assert {p["arch"] for p in points} == set(task.ARCHS)   # every architecture is covered
+    has = {a: weights for a in task.archs}
+    points = portfolio_points(task.portfolio, task.default_recipe, task.archs, has)
+    assert {p["arch"] for p in points} == set(task.archs)   # every architecture is covered
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for point in points:
         study.enqueue_trial(point)
@@ -59,7 +59,7 @@ def test_every_task_s_space_takes_its_portfolio_as_given(name, weights):
         trial = study.ask()
         with warnings.catch_warnings():
             warnings.simplefilter("error")   # a fixed value out of its range warns: fail on it
-            constants = task.define_search_space(trial, archs=task.ARCHS, pretrained=has)
+            constants = task.define_search_space(trial, archs=task.archs, pretrained=has)
         assert {k: trial.params[k] for k in point} == point
         assert constants["pretrained"] is weights
         study.tell(trial, 0.5)

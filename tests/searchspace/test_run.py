@@ -19,10 +19,11 @@ import ray
 from helpers import class_pixels, make_deepfake_csv, make_paddy, prepare_experiment, truncate_file, write_image
 from PIL import Image
 
-from searchspace.prepare import architectures, budget
+from core import storage
+from searchspace.config import Budget
+from searchspace.prepare import architectures
 from searchspace.run import main
-from searchspace.tasks import digits, paddy
-from trainer import storage
+from searchspace.tasks import get_task
 from trainer.cache import cached_images
 
 
@@ -50,21 +51,21 @@ def _fails_cleanly(argv: list[str], tmp_path, capsys) -> str:
 # --- options -----------------------------------------------------------------------
 
 def test_budget_takes_the_task_defaults_and_the_overrides():
-    keys = ("trials", "max_epochs", "folds")
-    b = budget(paddy)
-    assert {k: b[k] for k in keys} == {k: paddy.BUDGET[k] for k in keys}
-    b = budget(paddy, trials=3, max_epochs=2, grace_period=5, folds=4, crossfit_top=None)
-    assert (b["trials"], b["max_epochs"], b["folds"]) == (3, 2, 4)
-    assert b["grace_period"] == 2  # never more than max_epochs
+    paddy = get_task("paddy")
+    assert Budget().over(paddy.budget) == paddy.budget
+    b = Budget(trials=3, max_epochs=2, grace_period=5, folds=4, crossfit_top=None).over(paddy.budget)
+    assert (b.trials, b.max_epochs, b.folds, b.crossfit_top) == (3, 2, 4, paddy.budget.crossfit_top)
+    assert b.grace_period == 2  # never more than max_epochs
 
 
 def test_architectures_narrow_or_replace_the_tasks_space():
-    assert architectures(digits) == digits.ARCHS
+    digits = get_task("digits")
+    assert architectures(digits) == digits.archs
     archs = architectures(digits, "test_resnet, test_vit", "24,16,24")
     assert archs == {"test_resnet": [16, 24], "test_vit": [16, 24]}
     # an architecture the task does not list gets every size the task uses
     archs = architectures(digits, "test_convnext")
-    assert archs == {"test_convnext": sorted({s for v in digits.ARCHS.values() for s in v})}
+    assert archs == {"test_convnext": sorted({s for v in digits.archs.values() for s in v})}
 
 
 # --- bad inputs ----------------------------------------------------------------------

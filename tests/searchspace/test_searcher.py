@@ -10,8 +10,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
+from core.experiment import open_journal
 from searchspace.searcher import TruthfulOptunaSearch
-from trainer.experiment import open_journal
 
 
 def _space(trial):

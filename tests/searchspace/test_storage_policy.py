@@ -84,8 +84,8 @@ def test_a_moved_experiment_is_pruned_where_it_is_and_the_original_is_left_alone
     runs, _, _ = searched
     before = sorted(p.relative_to(runs / "kept") for p in (runs / "kept").rglob("*.pt"))
     moved = shutil.copytree(runs / "kept", tmp_path / "moved")
+    from core.experiment import Experiment
     from searchspace.storage_policy import prune
-    from trainer.experiment import Experiment
 
     freed = prune(Experiment(str(moved)))
     assert freed["files"] > 0 and freed["bytes"] > 0
@@ -116,8 +116,8 @@ def test_a_trial_keeps_only_the_checkpoint_of_its_candidate(searched, name):
 def test_prune_removes_checkpoints_a_resume_left_behind(searched, tmp_path):
     runs, _, _ = searched
     moved = Path(shutil.copytree(runs / "kept", tmp_path / "moved"))
+    from core.experiment import Experiment
     from searchspace.storage_policy import prune
-    from trainer.experiment import Experiment
 
     row = pd.read_parquet(moved / "trials.parquet").iloc[0]
     kept = moved / Path(row.checkpoint).parent.name / Path(row.checkpoint).name

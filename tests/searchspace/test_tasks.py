@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from helpers import PADDY_CLASSES, make_deepfake_csv, make_deepfake_folders, make_imagefolder, make_paddy
 
+from core.errors import BadInput
 from searchspace.data import build_index, match_ids, read_csv, safe_relative
 from searchspace.tasks import TASKS, deepfake, digits, get_task, imagefolder, paddy
-from trainer.errors import BadInput
 
 
 def _files_exist(df: pd.DataFrame) -> bool:
@@ -313,7 +313,7 @@ def test_read_csv_keeps_ids_as_strings(tmp_path):
 
 def test_get_task_knows_every_task_and_rejects_others():
     assert set(TASKS) == {"digits", "paddy", "deepfake", "imagefolder"}
-    assert get_task("paddy") is paddy
+    assert get_task("paddy") is paddy.TASK and get_task("paddy").load is paddy.load
     with pytest.raises(BadInput, match="'nope'"):
         get_task("nope")
 
@@ -321,9 +321,9 @@ def test_get_task_knows_every_task_and_rejects_others():
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_every_default_architecture_is_a_timm_model(name):
     from trainer.model import check_arch
-    for arch in TASKS[name].ARCHS:
+    for arch in TASKS[name].archs:
         check_arch(arch)
-    assert all(sizes and min(sizes) >= 8 for sizes in TASKS[name].ARCHS.values())
+    assert all(sizes and min(sizes) >= 8 for sizes in TASKS[name].archs.values())
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -340,5 +340,8 @@ def test_every_search_space_samples_a_trainable_config(name):
         assert config["mix"] in ("none", "mixup", "cutmix")
         assert 0.0 <= config["scale_min"] <= 1.0
         study.tell(trial, 0.5)
-    assert task.METRIC == "accuracy"
-    assert {"trials", "max_epochs", "grace_period", "reduction_factor", "folds"} <= set(task.BUDGET)
+    assert task.metric == "accuracy"
+    # every budget value is set, and valid
+    assert None not in (task.budget.trials, task.budget.max_epochs, task.budget.grace_period,
+                        task.budget.reduction_factor, task.budget.folds, task.budget.crossfit_top)
+    assert task.budget.check() == task.budget

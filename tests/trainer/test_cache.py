@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from helpers import write_image
 
-from trainer import storage
+from core import storage
+from core.errors import BadInput
 from trainer.cache import SPARE_BYTES, cached_images, check_free_space, fingerprint
-from trainer.errors import BadInput
 from trainer.images import load
 
 REPO = Path(__file__).resolve().parents[2]

@@ -19,9 +19,9 @@ import pytest
 import torch
 from helpers import make_paddy, prepare_experiment
 
-from trainer import storage
+from core import storage
+from core.experiment import probs_table
 from trainer.cache import cached_images
-from trainer.experiment import probs_table
 from trainer.fit import Run, crossfit_fold, train_trial
 from trainer.inference import load_model, predict_probs
 from trainer.recipe import lr_factor

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import storage
+from core import storage
 from trainer.augment import AugPolicy, kornia_pipeline
 from trainer.inference import load_model, norm_stats, predict_probs, save_weights, to_input
 from trainer.model import create

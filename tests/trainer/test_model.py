@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from trainer.errors import BadInput
+from core.errors import BadInput
 from trainer.model import check_arch, class_weights, create, freeze
 from trainer.weights import local_weights
 

@@ -16,8 +16,8 @@ import timm
 import torch
 from helpers import free_port
 
+from core.errors import BadInput
 from trainer import weights
-from trainer.errors import BadInput
 from trainer.model import create
 
 REVISION = "0" * 40

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from ensemble_builder import selection
-from ensemble_builder.selection import EnsembleSelection, prepare
-from trainer.metrics import METRICS, accuracy, f1_macro, log_loss, roc_auc
+from core.metrics import METRICS, accuracy, f1_macro, log_loss, roc_auc
+from ensemble_builder import greedy
+from ensemble_builder.greedy import EnsembleSelection, prepare
 
 BOTH = pytest.mark.parametrize("vectorised", [True, False], ids=["vectorised", "naive"])
 
@@ -45,7 +45,7 @@ def test_metrics_match_sklearn():
         assert f1_macro(y, P) == pytest.approx(skm.f1_score(y, P.argmax(1), average="macro"), rel=1e-12)
         expected = skm.roc_auc_score(y, P[:, 1]) if C == 2 else skm.roc_auc_score(y, P, multi_class="ovr")
         assert roc_auc(y, P) == pytest.approx(expected, rel=1e-12)
-    assert {k: v[1] for k, v in METRICS.items()} == {
+    assert {k: m.greater_is_better for k, m in METRICS.items()} == {
         "accuracy": True, "log_loss": False, "f1_macro": True, "roc_auc": True}
 
 
@@ -127,7 +127,8 @@ def test_exact_trajectory_hand_computed(vectorised):
 @pytest.mark.parametrize("metric", ["accuracy", "log_loss"])
 def test_sorted_init_starts_with_the_best(vectorised, metric):
     P, y = random_candidates(seed=1, duplicates=False)
-    fn, greater = METRICS[metric]
+    m = METRICS[metric]
+    fn, greater = m.fn, m.greater_is_better
     single = np.array([fn(y, p) for p in P])
     losses = np.array([log_loss(y, p) for p in P])
     best_two = list(np.lexsort((np.arange(len(P)), losses, -single if greater else single))[:2])
@@ -173,7 +174,7 @@ def test_trims_to_best_step():
 def test_fitted_attributes_and_predict_proba(metric):
     P, y = random_candidates(seed=4, m=12, n=150)
     sel = EnsembleSelection(ensemble_size=15, metric=metric).fit(P, y)
-    greater = METRICS[metric][1]
+    greater = METRICS[metric].greater_is_better
     traj = np.array(sel.trajectory_)
     assert len(traj) == 15
     assert sel.best_step_ == int(np.argmax(traj if greater else -traj))
@@ -184,7 +185,7 @@ def test_fitted_attributes_and_predict_proba(metric):
     assert blend.shape == (150, 4)
     np.testing.assert_allclose(blend.sum(1), 1.0)
     np.testing.assert_allclose(blend, np.mean(P[sel.indices_], axis=0))
-    assert METRICS[metric][0](y, blend) == pytest.approx(traj[sel.best_step_])
+    assert METRICS[metric].fn(y, blend) == pytest.approx(traj[sel.best_step_])
 
 
 @BOTH
@@ -225,7 +226,7 @@ def test_a_subset_of_prepared_candidates_selects_as_a_fresh_fit_on_its_samples(m
     Tiny working blocks (a few rows each) so that every blocked path runs; sorted and shuffled
     subsets; the members-only view (max_members) and a bag's pool, which gathers per block.
     """
-    monkeypatch.setattr(selection, "_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(greedy, "_BLOCK_BYTES", 4096)
     P, y = random_candidates(m=30, n=300, C=4, seed=5, dtype=np.float32)
     scorer = prepare(P, y, metric)
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""trainer.ensemble_gain: a trial's gain to the greedy ensemble of the finished trials, and the pool.
+"""ensemble_builder.gain: a trial's gain to the greedy ensemble of the finished trials, and the pool.
 
 The gain is checked against a direct computation: with two greedy steps,
 Caruana's ensemble is the best single candidate, or that candidate blended
@@ -10,13 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from trainer.ensemble_gain import Pool, ensemble_gain, prior_score
-from trainer.experiment import Experiment, probs_table
-from trainer.metrics import METRICS
+from core.experiment import Experiment, probs_table
+from core.metrics import METRICS
+from ensemble_builder.gain import Pool, ensemble_gain, prior_score
 
 
 def direct_two_step(P: np.ndarray, y: np.ndarray, metric: str) -> float:
-    fn, greater = METRICS[metric]
+    m = METRICS[metric]
+    fn, greater = m.fn, m.greater_is_better
     pick = max if greater else min
     singles = [fn(y, p) for p in P]
     first = int(np.argmax(singles) if greater else np.argmin(singles))
@@ -40,7 +41,7 @@ def data():
 @pytest.mark.parametrize("metric", ["accuracy", "log_loss"])
 def test_the_gain_is_the_rise_of_the_greedy_ensemble(data, metric):
     y, pool, new = data
-    sign = 1 if METRICS[metric][1] else -1
+    sign = METRICS[metric].sign
     expected = sign * (direct_two_step(np.concatenate([pool, new[None]]), y, metric) - direct_two_step(pool, y, metric))
     assert ensemble_gain(pool, new, y, metric, steps=2) == pytest.approx(expected, abs=1e-9)
 
@@ -56,7 +57,7 @@ def test_against_an_empty_pool_the_gain_is_the_score_over_the_class_prior(data):
     prior = np.bincount(y, minlength=3) / len(y)
     assert prior_score(y, 3, "accuracy") == pytest.approx(np.mean(np.argmax(prior) == y))
     assert ensemble_gain(empty, new, y, "accuracy") == pytest.approx(
-        METRICS["accuracy"][0](y, new) - prior_score(y, 3, "accuracy"))
+        METRICS["accuracy"].fn(y, new) - prior_score(y, 3, "accuracy"))
 
 
 def test_the_pool_reads_only_new_entries_and_leaves_the_trial_itself_out(tmp_path, data):

@@ -6,6 +6,7 @@ scores are bit-identical to calling these functions one candidate at a time.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -74,9 +75,30 @@ def roc_auc(y: np.ndarray, P: np.ndarray) -> float:
     return float(np.mean(aucs))
 
 
-METRICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], bool]] = {
-    "accuracy": (accuracy, True),
-    "log_loss": (log_loss, False),
-    "f1_macro": (f1_macro, True),
-    "roc_auc": (roc_auc, True),
-}
+@dataclass(frozen=True)
+class Metric:
+    """A metric on probabilities and its direction; ``sign`` makes "higher is better" of either."""
+
+    name: str
+    fn: Callable[[np.ndarray, np.ndarray], float]
+    greater_is_better: bool
+
+    def __call__(self, y: np.ndarray, P: np.ndarray) -> float:
+        return self.fn(y, P)
+
+    @property
+    def mode(self) -> str:
+        """Ray Tune's and Optuna's word for the direction: "max" or "min"."""
+        return "max" if self.greater_is_better else "min"
+
+    @property
+    def sign(self) -> float:
+        return 1.0 if self.greater_is_better else -1.0
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("accuracy", accuracy, True),
+    Metric("log_loss", log_loss, False),
+    Metric("f1_macro", f1_macro, True),
+    Metric("roc_auc", roc_auc, True),
+)}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.metrics import METRICS, f1_from_counts, log_loss, mean_nll
+from core.metrics import METRICS, f1_from_counts, log_loss, mean_nll
 
 _BLOCK_BYTES = 1 << 22  # ~4 MiB working blocks stay in cache between numpy calls
 _FEW = 8                # up to this many candidates, accuracy counts hits by one argmax per block
@@ -59,7 +59,7 @@ class _LoopScorer:
 
     def __init__(self, P: np.ndarray, y: np.ndarray, metric: str):
         self.P, self.y, self.metric = P, y, metric
-        self.fn = METRICS[metric][0]
+        self.fn = METRICS[metric].fn
         self.dtype = np.promote_types(P.dtype, np.float32)   # of the sums and blends: float16 P sums in float32
         self.reset()
 
@@ -367,7 +367,7 @@ class EnsembleSelection:
             raise ValueError("max_members must be at least max(n_init, 1)")
         if not 0 <= self.n_init <= self.ensemble_size or self.ensemble_size < 1:
             raise ValueError("need ensemble_size >= 1 and 0 <= n_init <= ensemble_size")
-        self._sign = 1.0 if METRICS[self.metric][1] else -1.0
+        self._sign = METRICS[self.metric].sign
         m = scorer.P.shape[0]
         if self.bags:
             rng = np.random.default_rng(self.random_state)

@@ -1,4 +1,4 @@
-"""trainer.storage on the local filesystem: locations, joining, listing, atomic writes, JSON and Parquet.
+"""core.storage on the local filesystem: locations, joining, listing, atomic writes, JSON and Parquet.
 
 Every test works in ``tmp_path`` through plain paths and through ``file://``
 URIs (the same code path a bucket takes, with pyarrow's local filesystem).
@@ -11,7 +11,7 @@ import threading
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from trainer import storage
+from core import storage
 
 
 def uri(path) -> str:

@@ -35,8 +35,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from trainer import storage
-from trainer.errors import BadInput
+from core import storage
+from core.errors import BadInput
 
 DEFAULT_RUNS = "runs"
 STUDY_FILE = "optuna_journal.log"

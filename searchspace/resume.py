@@ -11,8 +11,6 @@ from searchspace.crossfit import crossfit
 from searchspace.ray_start import start_ray
 from searchspace.tuner import finish_search, trainable
 
-_LOST_CHECKPOINT = "does not exist on storage anymore"   # Ray's restore error for a deleted checkpoint
-
 
 def resume(experiment: Experiment, task_name: str, res: Resources, cache_dir: str,
            crossfit_top: int | None = None, tta: bool = True, crossfit_by: str | None = None) -> int:
@@ -36,18 +34,10 @@ def resume(experiment: Experiment, task_name: str, res: Resources, cache_dir: st
     print(f"resuming {experiment.location}", flush=True)
     start = time.time()
     ctx = TrialContext.from_dict({**meta["context"], "experiment": experiment.location})
-    tuner = tune.Tuner.restore(root, trainable(ctx, res), resume_unfinished=True, resume_errored=True,
-                               storage_filesystem=fs)
+    # Unfinished trials continue from their checkpoints (one whose checkpoint is gone starts
+    # again: tuner.restartable); a trial that had failed stays failed.
+    tuner = tune.Tuner.restore(root, trainable(ctx, res), resume_unfinished=True, resume_errored=False,
+                               restart_errored=False, storage_filesystem=fs)
     grid = tuner.fit()
-    # A trial whose stored state names a checkpoint already deleted (a search of older code, where
-    # Ray's num_to_keep deleted it before its next snapshot; or a snapshot that never reached a
-    # bucket before the driver died) cannot be restored: it starts again from its first epoch.
-    lost = [r for r in grid if r.error is not None and _LOST_CHECKPOINT in str(r.error)]
-    if lost:
-        print(f"{len(lost)} trial(s) pointed at a checkpoint that Ray had replaced just before the driver "
-              "died; starting them again from their first epoch", flush=True)
-        tuner = tune.Tuner.restore(root, trainable(ctx, res), resume_unfinished=True, restart_errored=True,
-                                   storage_filesystem=fs)
-        grid = tuner.fit()
     trials = finish_search(experiment, grid, meta["metric"], meta["budget"]["max_epochs"], start, cache_dir)
     return 1 if trials is None else crossfit(experiment, res, crossfit_top, tta, crossfit_by)

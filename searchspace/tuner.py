@@ -47,7 +47,34 @@ def trainable(ctx: TrialContext, res: Resources, crossfit: bool = False):
     from trainer.fit import crossfit_fold, train_trial
     fn = (tune.with_parameters(crossfit_fold, ctx=ctx) if crossfit else
           tune.with_parameters(train_trial, ctx=ctx, epoch_metrics=PoolGain(ctx.experiment, ctx.metric)))
-    return tune.with_resources(fn, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+    return tune.with_resources(restartable(fn), {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+
+
+def restartable(fn):
+    """A Tune trainable class of function ``fn`` that starts a trial again from its first epoch when the checkpoint it should resume from is gone.
+
+    A resumed search's stored state can name a checkpoint that no longer
+    exists: one Ray had replaced just before the driver died (a search of
+    older code, whose Ray deleted it before its next snapshot), or a snapshot
+    that never reached a bucket. Ray would fail that trial; here it runs again
+    under its own id, so Tune and the Optuna study both see it finish. A trial
+    that failed for a reason of its own is not resumed at all (``resume``).
+    """
+    import pyarrow.fs as pafs
+    from ray.tune.trainable import wrap_function
+
+    class Restartable(wrap_function(fn)):
+        def restore(self, checkpoint_path):
+            checkpoint = getattr(checkpoint_path, "checkpoint", None)
+            if checkpoint is not None and \
+                    checkpoint.filesystem.get_file_info(checkpoint.path).type == pafs.FileType.NotFound:
+                print(f"trial {self.trial_id}: its checkpoint {checkpoint.path} is gone (replaced just before "
+                      "the driver died); starting it again from its first epoch", flush=True)
+                return None
+            return super().restore(checkpoint_path)
+
+    Restartable.__name__ = Restartable.__qualname__ = fn.__name__   # Tune names trials and folders by it
+    return Restartable
 
 
 def sampler(seed: int):

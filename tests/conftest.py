@@ -50,7 +50,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # Fixtures that start Ray (a local instance or a multi-node cluster) or run a
 # search. A test that uses one is slow, whatever its own marks say, so that
 # `pytest -m "not slow"` starts no Ray and no search.
-RAY_FIXTURES = {"ray_session", "tiny_experiment", "own_ray", "ray_tmp", "detached"}
+RAY_FIXTURES = {"ray_session", "tiny_experiment", "own_ray", "ray_tmp", "detached", "offline_ray"}
 
 
 def pytest_collection_modifyitems(config, items):

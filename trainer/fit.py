@@ -81,25 +81,28 @@ def weights_file(location: str | None, ctx: TrialContext) -> str | None:
 class Run:
     """Everything one recipe needs on one fold: data, model, optimiser, schedule; ``epoch()`` trains one."""
 
-    def __init__(self, config: dict, ctx: TrialContext, fold: int, epochs: int, train: bool = True):
-        """``train=False``: only the data and the model's architecture, to load finished weights into."""
+    def __init__(self, config: dict, ctx: TrialContext, fold: int | None, epochs: int, train: bool = True):
+        """``fold=None``: train on every training image (no holdout). ``train=False``: only the data and the
+        model's architecture, to load finished weights into."""
         self.ctx, self.fold, self.epochs = ctx, fold, epochs
         self.recipe = r = Recipe.from_config(config)
         self.experiment = Experiment(ctx.experiment)
         cpus = max(1, int(ctx.cpus_per_trial))
         torch.set_num_threads(cpus)
-        seed = int(ctx.seed) + fold
+        self.index = self.experiment.folds()
+        folds = self.index["fold"].to_numpy()
+        # Each fold's model has a seed of its own; the all-images model the next one.
+        seed = int(ctx.seed) + (int(folds.max()) + 1 if fold is None else fold)
         torch.manual_seed(seed)
         self.rng = np.random.default_rng(seed)
 
         # --- data: the node cache, split by fold; nothing is decoded from here on
-        self.index = self.experiment.folds()
         self.images = cached_images(self.index["path"].tolist(), ctx.data_key, r.image_size, r.resize_mode,
                                     node_cache_dir(ctx), workers=os.cpu_count() or 1)
         self.labels = self.index["label"].to_numpy()
         self.num_classes = int(ctx.num_classes)
-        folds = self.index["fold"].to_numpy()
-        self.train_rows, self.hold_rows = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+        held = np.zeros(len(folds), bool) if fold is None else folds == fold
+        self.train_rows, self.hold_rows = np.flatnonzero(~held), np.flatnonzero(held)
 
         # --- device and augmentation backend (kornia on a GPU, albumentations on CPU)
         self.device = device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

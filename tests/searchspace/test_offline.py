@@ -12,12 +12,22 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
+import socket
+import threading
 
 import huggingface_hub.constants
 import optuna
 import pandas as pd
 import pytest
-from helpers import make_deepfake_folders, make_imagefolder, make_paddy, prepare_experiment
+from helpers import (
+    make_deepfake_folders,
+    make_imagefolder,
+    make_paddy,
+    prepare_experiment,
+    ray_temp_dir,
+    without_session_ray,
+)
 
 from core.experiment import STUDY_FILE, open_journal
 from searchspace.data import SkippedFiles
@@ -31,6 +41,49 @@ from searchspace.tasks._space import LR_FINETUNE, LR_SCRATCH
 def offline(monkeypatch):
     """No hub for this test, whatever the machine's network: the resolver must not depend on it."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+class Tripwire(threading.Thread):
+    """A local port that stands in for the hub: it records every connection and closes it at once."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections: list[str] = []
+
+    def run(self):
+        while True:
+            try:
+                conn, peer = self.sock.accept()
+            except OSError:
+                return
+            self.connections.append(f"{peer[0]}:{peer[1]}")
+            conn.close()
+
+
+@pytest.fixture
+def offline_ray(tmp_path_factory, tmp_path):
+    """A local Ray whose workers find the hub at a tripwire (HF_ENDPOINT) and an empty Hugging Face
+    cache: a worker that tries to download anything is seen. Yields the tripwire."""
+    import ray
+
+    wire = Tripwire()
+    wire.start()
+    env = {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_ENDPOINT": f"http://127.0.0.1:{wire.port}",
+           "HF_HOME": str(tmp_path / "hf-home"), "TORCH_HOME": str(tmp_path / "torch-home"),
+           "HF_HUB_ETAG_TIMEOUT": "1", "HF_HUB_DOWNLOAD_TIMEOUT": "1"}
+    with without_session_ray(tmp_path_factory):
+        temp, fallback = ray_temp_dir(tmp_path_factory)
+        ray.init(num_cpus=2, _temp_dir=temp, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": env})
+        try:
+            yield wire
+        finally:
+            ray.shutdown()
+            wire.sock.close()
+            if fallback:
+                shutil.rmtree(temp, ignore_errors=True)
 
 
 def _argv(data, tmp_path, *extra: str) -> list[str]:
@@ -124,10 +177,25 @@ def test_the_searcher_records_stopped_trials_as_pruned():
 
 
 @pytest.mark.slow
-def test_an_offline_search_fails_no_trial_and_the_study_matches_tune(tmp_path, ray_session, offline, weights_dir):
+def test_an_offline_search_fails_no_trial_and_the_study_matches_tune(tmp_path, offline_ray, offline, weights_dir):
     """Weights for test_resnet only, an empty test folder, ASHA that stops trials: no trial fails,
-    test_resnet fine-tunes and test_efficientnet trains from scratch, and every Optuna trial's
-    state is what Tune did with it."""
+    test_resnet fine-tunes and test_efficientnet trains from scratch, every Optuna trial's
+    state is what Tune did with it, and no worker ever reaches for the hub."""
+    import ray
+
+    # The tripwire sees a worker that goes to the hub: timm's own download of test_resnet
+    @ray.remote
+    def download_in_a_worker() -> str:
+        import timm
+        try:
+            timm.create_model("test_resnet", pretrained=True)
+            return "downloaded"
+        except Exception as e:
+            return type(e).__name__
+    assert ray.get(download_in_a_worker.remote()) != "downloaded"
+    assert offline_ray.connections, "a worker's download did not reach the tripwire"
+    offline_ray.connections.clear()
+
     data = make_paddy(tmp_path / "data", classes=3, per_class=8, test=0)
     (data / "test_images").mkdir()
     argv = _argv(data, tmp_path, "--archs", "test_resnet,test_efficientnet", "--image-sizes", "16",
@@ -166,6 +234,8 @@ def test_an_offline_search_fails_no_trial_and_the_study_matches_tune(tmp_path, r
         else:
             assert row.stopped_early
             assert t.state == optuna.trial.TrialState.PRUNED and max(t.intermediate_values) == row.epochs_run
+    # No trial, cross-fit job or data check on a worker went to the hub
+    assert offline_ray.connections == []
 
 
 # --- bad input found on real data --------------------------------------------------------

@@ -51,7 +51,8 @@ def trainable(ctx: TrialContext, res: Resources, crossfit: bool = False):
 
 
 def restartable(fn):
-    """A Tune trainable class of function ``fn`` that starts a trial again from its first epoch when the checkpoint it should resume from is gone.
+    """A Tune trainable class of ``fn`` that starts a trial again from its first epoch when the checkpoint
+    it should resume from is gone.
 
     A resumed search's stored state can name a checkpoint that no longer
     exists: one Ray had replaced just before the driver died (a search of

@@ -8,7 +8,9 @@ imported, so the ensemble builder can read an experiment without torch.
 
 ```
 <experiment>/
-  experiment.json               task, data, options, budget, class names, K, seed, trial context
+  experiment.json               task, data, options, budget, class names, K, seed, trial context,
+                                the final stage's plan (final_plan) under a time budget
+  clock.json                    the job's time budget, the seconds it has used, its phase and deadlines
   folds.parquet                 sample_id, path, label, fold
   test.parquet                  sample_id, path                        (absent without a test set)
   trials.parquet                one row per search trial
@@ -207,6 +209,15 @@ class Experiment:
 
     def write_meta(self, meta: dict) -> None:
         storage.write_json(self.file("experiment.json"), meta)
+
+    def has_clock(self) -> bool:
+        return storage.exists(self.file("clock.json"))
+
+    def clock(self) -> dict:
+        return storage.read_json(self.file("clock.json"))
+
+    def write_clock(self, clock: dict) -> None:
+        storage.write_json(self.file("clock.json"), clock)
 
     def folds(self) -> pd.DataFrame:
         return storage.read_parquet(self.file("folds.parquet")).to_pandas()

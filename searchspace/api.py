@@ -21,27 +21,33 @@ from dataclasses import dataclass
 from core import storage
 from core.errors import BadInput
 from core.experiment import Experiment, TrialContext
+from searchspace import time_budget
 from searchspace.config import SearchConfig
-from searchspace.crossfit import crossfit
-from searchspace.prepare import architectures, prepare
+from searchspace.crossfit import crossfit, slots
+from searchspace.finish import final_stage
+from searchspace.prepare import architectures, prepare, refold
+from searchspace.progress import Forecast
 from searchspace.ray_start import start_ray
 from searchspace.resume import resume
 from searchspace.storage_policy import prune
 from searchspace.tasks import Task, get_task
-from searchspace.tuner import build_tuner, finish_search
+from searchspace.time_budget import UNLIMITED_TRIALS, Clock, Deadline, Measured, Split, at, clock_text
+from searchspace.tuner import build_tuner, finish_search, first_config
 from trainer.cache import default_cache_dir
 
 
 @dataclass(frozen=True)
 class Prepared:
     """A search ready to start: its task, its config (the task's budget filled in), its architectures,
-    its experiment (folds, test and experiment.json written) and the context every trial shares."""
+    its experiment (folds, test and experiment.json written), the context every trial shares, and the
+    config as the user gave it."""
 
     task: Task
     config: SearchConfig
     archs: dict[str, list[int]]
     experiment: Experiment
     ctx: TrialContext
+    given: SearchConfig
 
     @property
     def cache_dir(self) -> str:
@@ -51,15 +57,19 @@ class Prepared:
 def prepare_search(task_name: str, data: str | None, config: SearchConfig) -> Prepared:
     """Check everything that can be checked before the search, write the experiment's index; no trial runs."""
     task = get_task(task_name)
-    config = dataclasses.replace(config, budget=config.budget.over(task.budget))
+    given = config
+    budget = config.budget.over(task.budget)
+    if budget.time_budget is not None and config.budget.trials is None:
+        budget = dataclasses.replace(budget, trials=UNLIMITED_TRIALS)   # as many as the search's share allows
+    config = dataclasses.replace(config, budget=budget)
     opts = config.options
     archs = architectures(task, opts.archs, opts.image_sizes)
     name = opts.name or f"{task_name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     experiment = Experiment(storage.join(storage.absolute(opts.storage), name))
     if experiment.exists():
         raise BadInput(f"{experiment.location}: already exists; pass --resume to continue it, or choose another --name")
-    ctx = prepare(task, data, experiment, config, archs)
-    return Prepared(task, config, archs, experiment, ctx)
+    ctx = prepare(task, data, experiment, config, archs, given)
+    return Prepared(task, config, archs, experiment, ctx, given)
 
 
 def prepare_only(task_name: str, data: str | None = None, **options) -> TrialContext:
@@ -71,19 +81,79 @@ def prepare_only(task_name: str, data: str | None = None, **options) -> TrialCon
 
 
 def run_search(task_name: str, data: str | None, config: SearchConfig) -> tuple[int, Experiment]:
-    """Search, then cross-fit; (exit code, experiment). The CLI's main path."""
+    """Search, then cross-fit (and, under a time budget, select); (exit code, experiment). The CLI's main path."""
+    started = time.time()
     p = prepare_search(task_name, data, config)
     b, opts = p.config.budget, p.config.options
+    clock = Clock.start(p.experiment.location, b.time_budget, started)
     start_ray()
-    print(f"experiment {p.experiment.location}: {b.trials} trials, {', '.join(p.archs)}; "
+    split = None
+    if b.time_budget is not None:
+        p, split = budget_split(p, clock)
+        b = p.config.budget
+    trials = "as many trials as the search's share allows" if b.trials == UNLIMITED_TRIALS else f"{b.trials} trials"
+    print(f"experiment {p.experiment.location}: {trials}, {', '.join(p.archs)}; "
           f"ASHA max {b.max_epochs} epochs, grace {b.grace_period}, reduction {b.reduction_factor}", flush=True)
+    clock.save(phase="search", search_until_s=split.search_until_s if split else None)
     start = time.time()
-    results = build_tuner(p.task, p.ctx, p.config, p.archs, p.cache_dir).fit()
-    if finish_search(p.experiment, results, p.task.metric, b.max_epochs, start, p.cache_dir) is None:
+    deadline = Deadline(p.experiment.location, split.search_until_s) if split else None
+    tuner = build_tuner(p.task, p.ctx, p.config, p.archs, p.cache_dir, deadline, forecast(p, clock, split))
+    results = tuner.fit()
+    ended = split is not None and clock.used() >= split.search_until_s - 1
+    if finish_search(p.experiment, results, p.task.metric, b.max_epochs, start, p.cache_dir, ended) is None:
         return 1, p.experiment
-    code = crossfit(p.experiment, p.config.resources, b.crossfit_top, opts.tta, opts.crossfit_by)
+    code = final_stage(p.experiment, p.config, clock)
     tidy(p.experiment, opts.keep_checkpoints)
     return code, p.experiment
+
+
+def budget_split(p: Prepared, clock: Clock) -> tuple[Prepared, Split]:
+    """Measure the first config, fix K and the search's share (``time_budget.split``); BadInput when the
+    budget cannot hold one final config, and then the experiment just prepared is removed again."""
+    b, res = p.config.budget, p.config.resources
+    measured = calibrate(p)
+    index = p.experiment.folds()
+    n_test = len(p.experiment.test()) if p.experiment.has_test() else 0
+    try:
+        split = time_budget.split(b.time_budget, clock.used(), measured, len(index), n_test, p.ctx.tta,
+                                  b.max_epochs, slots(res), p.given.budget.folds, b.folds)
+    except BadInput:
+        storage.delete_dir(p.experiment.location)   # nothing ran: the same --name can be used again
+        raise
+    ctx = p.ctx
+    if split.folds != b.folds:
+        ctx = refold(p.experiment, split.folds)
+    config = dataclasses.replace(p.config, budget=dataclasses.replace(b, folds=split.folds))
+    epoch = measured.on_fold(len(index), split.folds, n_test, p.ctx.tta).epoch_s
+    print(f"time budget {clock_text(b.time_budget)}: {clock_text(clock.used())} used by the data check; "
+          f"one epoch of the first config takes about {epoch:.1f} s on a fold; {split.folds} folds; the search "
+          f"gets {clock_text(split.search_s)} (until ~{at(split.search_until_s - clock.used())}), the final models "
+          f"{clock_text(split.final_s)}, the selection and the margin {clock_text(split.reserve_s)}", flush=True)
+    return dataclasses.replace(p, config=config, ctx=ctx), split
+
+
+def calibrate(p: Prepared) -> Measured:
+    """The first config (the portfolio's first, or the task's default recipe) measured on a worker with a
+    trial's resources: seconds per training and per predicted image, and a job's set-up."""
+    import ray
+
+    from trainer.fit import measure
+
+    res = p.config.resources
+    remote = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial)(measure)
+    return Measured(**ray.get(remote.remote(first_config(p.task, p.archs, p.ctx), p.ctx)))
+
+
+def forecast(p: Prepared, clock: Clock, split: Split | None) -> Forecast:
+    """The progress line's estimate of the search's and the job's end."""
+    b = p.config.budget
+    n = slots(p.config.resources)
+    trials = None if b.trials == UNLIMITED_TRIALS else b.trials
+    if split is not None:
+        return Forecast(clock, n, trials, split.search_until_s, lambda epoch_s: split.final_s, split.reserve_s)
+    jobs = b.crossfit_top * (b.folds - 1)   # fold 0 is the search trial's own checkpoint
+    return Forecast(clock, n, trials, None,
+                    lambda epoch_s: time_budget.makespan([b.max_epochs * epoch_s] * jobs, n))
 
 
 def tidy(experiment: Experiment, keep_checkpoints: bool) -> None:
@@ -128,14 +198,14 @@ def resume_search(task_name: str, config: SearchConfig) -> int:
     """Continue the search ``config.options.name`` under ``config.options.storage``, then cross-fit.
 
     Uses the config's resources, ``cache_dir``, ``crossfit_top``, ``crossfit_by``,
-    ``tta`` and ``keep_checkpoints``; the search goes on as it was started.
+    ``tta`` and ``keep_checkpoints``; the search goes on as it was started, and
+    a job with a time budget with what is left of it.
     """
     get_task(task_name)
     opts = config.options
     if not opts.name:
         raise BadInput("--resume needs --name (the experiment to continue) and the same --storage")
     exp = Experiment(storage.join(storage.absolute(opts.storage), opts.name))
-    code = resume(exp, task_name, config.resources, opts.cache_dir or default_cache_dir(),
-                  config.budget.crossfit_top, opts.tta, opts.crossfit_by)
+    code = resume(exp, task_name, config, opts.cache_dir or default_cache_dir())
     tidy(exp, opts.keep_checkpoints)
     return code

@@ -26,7 +26,8 @@ from core.errors import BadInput
 from core.experiment import Experiment, TrialContext, aligned, probs_array, probs_table, ranked
 from core.metrics import METRICS
 from searchspace.config import Resources
-from searchspace.tuner import trainable
+from searchspace.time_budget import Clock, Cost, Deadline, plan_final
+from searchspace.tuner import concurrency, trainable
 
 # A config is eligible for the complementarity choice only when its fold-0
 # score is within this fraction of the best one: the greedy pick must not
@@ -34,10 +35,16 @@ from searchspace.tuner import trainable
 MIN_SCORE_FRACTION = 0.9
 
 
-def eligible(trials: pd.DataFrame, mode: str, fraction: float = MIN_SCORE_FRACTION) -> pd.DataFrame:
-    """Trials that ran their whole schedule, with a checkpoint, scoring within ``fraction`` of the best."""
+def eligible(trials: pd.DataFrame, mode: str, fraction: float = MIN_SCORE_FRACTION,
+             partial: bool = False) -> pd.DataFrame:
+    """Trials that ran their whole schedule, with a checkpoint, scoring within ``fraction`` of the best.
+
+    ``partial``: trials stopped before the end of their schedule too, after
+    those that ran it (``ranked``): when every fold, fold 0 included, is
+    trained again at a planned length, a config needs no finished search trial.
+    """
     done = ranked(trials, mode)
-    done = done[done["completed"] & done["checkpoint"].notna()]
+    done = done[(done["completed"] | partial) & done["checkpoint"].notna()]
     if done.empty:
         return done
     if fraction <= 0:
@@ -48,7 +55,7 @@ def eligible(trials: pd.DataFrame, mode: str, fraction: float = MIN_SCORE_FRACTI
 
 
 def choose(trials: pd.DataFrame, experiment: Experiment, top: int, mode: str, metric: str,
-           by: str = "complementarity") -> pd.DataFrame:
+           by: str = "complementarity", partial: bool = False) -> pd.DataFrame:
     """The configs to cross-fit, in order: trial_id, crossfit_rank, crossfit_gain, crossfit_reason.
 
     Complementarity: Caruana's greedy selection (the ensemble builder's own
@@ -56,7 +63,8 @@ def choose(trials: pd.DataFrame, experiment: Experiment, top: int, mode: str, me
     fold-0 holdout predictions, at most ``top`` distinct members; a config's
     gain is how much the greedy ensemble's holdout score rose at the step it
     first joined. If the greedy ensemble stops improving with fewer than
-    ``top`` members, or fewer are eligible, the rest are filled by score.
+    ``top`` members, or fewer are eligible, the rest are filled by score
+    (with ``partial``, by trials that did not run their whole schedule too).
     """
     from ensemble_builder.greedy import EnsembleSelection
 
@@ -81,7 +89,7 @@ def choose(trials: pd.DataFrame, experiment: Experiment, top: int, mode: str, me
             previous = score
     # The guard only keeps weak configs out of the greedy pick; the rest of the
     # budget goes by score, as the top-M rule would spend it.
-    for row in eligible(trials, mode, 0.0).itertuples():
+    for row in eligible(trials, mode, 0.0, partial).itertuples():
         if len(rows) >= top:
             break
         if row.trial_id not in seen:
@@ -94,27 +102,48 @@ def choose(trials: pd.DataFrame, experiment: Experiment, top: int, mode: str, me
     return chosen
 
 
-def crossfit_jobs(trials: pd.DataFrame, experiment: Experiment, chosen: list[str], folds: int
-                  ) -> tuple[list[str], list[dict]]:
-    """The chosen configs' candidate ids, and a job for every fold not yet done."""
+def crossfit_jobs(trials: pd.DataFrame, experiment: Experiment, chosen: list[str], folds: int,
+                  epochs: int | None = None) -> tuple[list[str], list[dict]]:
+    """The chosen configs' candidate ids, and a job for every fold not yet done, config by config.
+
+    Each job trains its config's recipe at ``epochs`` (default: the length its
+    search trial ran). Fold 0 reuses the search trial's final checkpoint only
+    when that is the same training: a trial that ran its whole schedule, at
+    that length; otherwise fold 0 is trained again like every other fold.
+    """
     done = trials.set_index("trial_id", drop=False).loc[chosen]
     cids, jobs = [], []
     for row in done.itertuples():
         cid = f"cv-{row.trial_id}"
         cids.append(cid)
         config = experiment.candidate(row.trial_id).config()
+        length = int(epochs or row.epochs_run)
         for fold in range(folds):
             if experiment.candidate(cid).fold(fold).done():
                 continue
-            job = {**config, "fold": fold, "epochs": int(row.epochs_run), "candidate": cid}
-            if fold == 0:
+            job = {**config, "fold": fold, "epochs": length, "candidate": cid}
+            if fold == 0 and row.completed and length == int(row.epochs_run):
                 job["from_checkpoint"] = row.checkpoint
             jobs.append(job)
     return cids, jobs
 
 
-def build_crossfit_tuner(ctx: TrialContext, jobs: list[dict], res: Resources):
-    """Every fold job as one Tune trial (no early stopping), spread like the search."""
+def costs(trials: pd.DataFrame, chosen: list[str], n_hold: int, n_test: int, tta: bool) -> dict[str, Cost]:
+    """Each chosen config's cost on one fold, as its search trial measured it: seconds per epoch, and per
+    job the start-up (its first epoch's excess over the others) and the test set's predictions."""
+    rows = trials.set_index("trial_id").loc[chosen]
+    out = {}
+    for tid, row in rows.iterrows():
+        epoch_s = float(row.get("epoch_s") or row["seconds"] / max(1, row["epochs_run"]))
+        startup = max(0.0, float(row.get("first_epoch_s") or epoch_s) - epoch_s)
+        eval_s = float(row.get("eval_s") or 0.1 * epoch_s)
+        out[tid] = Cost(epoch_s, startup + eval_s * n_test / max(1, n_hold) * (2 if tta else 1))
+    return out
+
+
+def build_crossfit_tuner(ctx: TrialContext, jobs: list[dict], res: Resources, deadline: Deadline | None = None):
+    """Every fold job as one Tune trial (no early stopping), spread like the search, in order;
+    ``deadline`` stops what still runs when the final stage's share of the time budget ends."""
     from ray import tune
 
     fs, root = storage.resolve(ctx.experiment)
@@ -123,7 +152,7 @@ def build_crossfit_tuner(ctx: TrialContext, jobs: list[dict], res: Resources):
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=res.max_concurrent or None),
         run_config=tune.RunConfig(
             name=f"crossfit-{datetime.datetime.now():%Y%m%d-%H%M%S}", storage_path=root, storage_filesystem=fs,
-            verbose=0, checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=0, checkpoint_config=tune.CheckpointConfig(num_to_keep=1), stop=deadline,
             failure_config=tune.FailureConfig(max_failures=res.max_failures)))
 
 
@@ -155,38 +184,67 @@ def record_choice(experiment: Experiment, trials: pd.DataFrame, chosen: pd.DataF
 
 
 def crossfit(experiment: Experiment, res: Resources, top: int | None = None, tta: bool = True,
-             by: str | None = None) -> int:
-    """Cross-fit the chosen configs of a finished search; 0 when every chosen config is complete."""
+             by: str | None = None, clock: Clock | None = None, until_s: float | None = None) -> int:
+    """Cross-fit the chosen configs of a finished search; 0 when every chosen config is complete.
+
+    With a time budget (``clock`` with a budget, ``until_s`` the final stage's
+    end on the job's clock) the configs are trained at the length the rest of
+    the budget allows (``time_budget.plan_final``; ``top``, when given, fixes
+    how many), the plan is kept in experiment.json so that a resumed final
+    stage trains the remaining folds the same way, and jobs still running at
+    ``until_s`` are stopped: then 0 when at least one config is complete.
+    """
     meta = experiment.meta()
     trials, index = experiment.trials(), experiment.folds()
+    budgeted = clock is not None and clock.budget_s is not None and until_s is not None
+    plan = meta.get("final_plan")
     top = top if top is not None else meta["budget"].get("crossfit_top", 0)
-    if top <= 0:
+    if top <= 0 and plan is None:
         return 0
     by = by or meta.get("crossfit_by", "complementarity")
-    if "crossfit_rank" in trials and trials["crossfit_rank"].notna().any() and by == meta.get("crossfit_by"):
+    if "crossfit_rank" in trials and trials["crossfit_rank"].notna().any() and (by == meta.get("crossfit_by")
+                                                                               or plan is not None):
         # Chosen before (an interrupted cross-fit): keep that choice, it is what the folds were trained for.
         kept = trials[trials["crossfit_rank"].notna()].sort_values("crossfit_rank")
-        chosen = kept[["trial_id", "crossfit_rank", "crossfit_gain", "crossfit_reason"]].head(top)
+        chosen = kept[["trial_id", "crossfit_rank", "crossfit_gain", "crossfit_reason"]]
+        chosen = chosen[chosen["trial_id"].isin(plan["configs"])] if plan else chosen.head(top)
     else:
-        chosen = choose(trials, experiment, top, meta["mode"], meta["metric"], by)
+        chosen = choose(trials, experiment, top, meta["mode"], meta["metric"], by, partial=budgeted)
         trials = record_choice(experiment, trials, chosen)
         meta["crossfit_by"] = by
         experiment.write_meta(meta)
     # The experiment may have moved (a synced bucket, a renamed folder): use where it is now.
     ctx = TrialContext.from_dict(meta["context"])
     ctx = replace(ctx, experiment=experiment.location, cpus_per_trial=res.cpus_per_trial, tta=ctx.tta and tta)
-    cids, jobs = crossfit_jobs(trials, experiment, chosen["trial_id"].tolist(), meta["folds"])
-    if not cids:
+    if chosen.empty:
         print("cross-fit: no trial ran its whole schedule; nothing to cross-fit")
         return 0
+    folds = meta["folds"]
+    if budgeted and plan is None:
+        n_test = len(experiment.test()) if experiment.has_test() else 0
+        given = meta["options"].get("crossfit_top")
+        p = plan_final(costs(trials, chosen["trial_id"].tolist(), len(index) // folds, n_test, ctx.tta),
+                       until_s - clock.used(), folds, slots(res), meta["budget"]["max_epochs"], given)
+        plan = p.as_dict()
+        chosen = chosen[chosen["trial_id"].isin(p.configs)]
+        meta["final_plan"] = plan
+        experiment.write_meta(meta)
+        clock.save(phase="final stage", final_plan=plan)
+        print(f"\nfinal stage planned: {p.describe()}", flush=True)
+        if p.epochs < p.searched_epochs:
+            print(f"  (the search overran its share: the final models get {p.epochs} epochs, fewer than the "
+                  f"{p.searched_epochs} it searched)", flush=True)
+    cids, jobs = crossfit_jobs(trials, experiment, chosen["trial_id"].tolist(), folds,
+                               plan["epochs"] if plan else None)
     print(f"\ncross-fit: {len(cids)} config(s) chosen by {by}:")
     for row in chosen.itertuples():
         print(f"  {row.crossfit_rank}. {row.trial_id}: {row.crossfit_reason}")
-    print(f"cross-fit: {len(cids)} config(s) x {meta['folds']} folds; {len(jobs)} fold job(s) to run "
-          f"({len(cids) * meta['folds'] - len(jobs)} already done)", flush=True)
+    print(f"cross-fit: {len(cids)} config(s) x {folds} folds; {len(jobs)} fold job(s) to run "
+          f"({len(cids) * folds - len(jobs)} already done)", flush=True)
+    deadline = Deadline(experiment.location, until_s) if budgeted else None
     if jobs:
         start = time.time()
-        results = build_crossfit_tuner(ctx, jobs, res).fit()
+        results = build_crossfit_tuner(ctx, jobs, res, deadline).fit()
         failed = [r for r in results if r.error]
         print(f"cross-fit ran {len(jobs)} job(s) in {time.time() - start:.0f} s"
               + (f", {len(failed)} failed (run --crossfit-only again to retry them)" if failed else ""))
@@ -194,7 +252,7 @@ def crossfit(experiment: Experiment, res: Resources, top: int | None = None, tta
     ran = {job["candidate"] for job in jobs}
     complete = [cid for cid in cids
                 if (cid not in ran and experiment.candidate(cid).exists())
-                or assemble(experiment, cid, index, meta["folds"])]
+                or assemble(experiment, cid, index, folds)]
     labels = index.set_index("sample_id")["label"]
     for cid in complete:
         oof = experiment.candidate(cid).oof()
@@ -202,4 +260,15 @@ def crossfit(experiment: Experiment, res: Resources, top: int | None = None, tta
         score = METRICS[meta["metric"]].fn(y, probs_array(oof))
         print(f"  {cid}: out-of-fold {meta['metric']} {score:.4f} over {len(y)} images")
     print(f"cross-fit: {len(complete)}/{len(cids)} config(s) complete in {experiment.candidates_dir}")
+    missing = [c for c in cids if c not in complete]
+    if missing and deadline is not None and deadline.reached:
+        unfinished = sum(not experiment.candidate(c).fold(k).done() for c in missing for k in range(folds))
+        print(f"the time budget ended the final stage: skipped {', '.join(missing)} ({unfinished} fold job(s) "
+              "not finished); the complete ones make the ensemble", flush=True)
+        return 0 if complete else 1
     return 0 if len(complete) == len(cids) else 1
+
+
+def slots(res: Resources) -> int:
+    """Jobs that run at once: --max-concurrent, else what the cluster fits."""
+    return res.max_concurrent or concurrency(res)

@@ -130,9 +130,15 @@ def build_index(train: pd.DataFrame, folds: int, seed: int) -> tuple[pd.DataFram
         "path": train["path"].astype(str).to_numpy(),
         "label": train["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64).to_numpy(),
     })
+    return assign_folds(index, folds, seed), classes
+
+
+def assign_folds(index: pd.DataFrame, folds: int, seed: int) -> pd.DataFrame:
+    """The index with its ``fold`` column (stratified by label, shuffled with ``seed``) set for K = ``folds``."""
+    index = index.copy()
     index["fold"] = -1
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for k, (_, holdout) in enumerate(splitter.split(index, index["label"])):
         index.loc[holdout, "fold"] = k
     index["fold"] = index["fold"].astype(np.int64)
-    return index, classes
+    return index

@@ -16,7 +16,7 @@ from core.errors import BadInput
 from core.experiment import Experiment, TrialContext
 from core.metrics import METRICS
 from searchspace.config import SearchConfig
-from searchspace.data import SkippedFiles, build_index
+from searchspace.data import SkippedFiles, assign_folds, build_index
 from searchspace.ray_start import start_ray
 from searchspace.tasks import Task
 from trainer import weights as weights_mod
@@ -77,10 +77,12 @@ def load_dataset(task: Task, data: str):
     return dataset
 
 
-def prepare(task: Task, data: str | None, experiment: Experiment, config: SearchConfig, archs: dict) -> TrialContext:
+def prepare(task: Task, data: str | None, experiment: Experiment, config: SearchConfig, archs: dict,
+            given: SearchConfig | None = None) -> TrialContext:
     """Load and check the data and the weights, write folds/test/experiment.json; returns the trial context.
 
-    ``config.budget`` is complete (the task's values filled in).
+    ``config.budget`` is complete (the task's values filled in); ``given`` is
+    the config as the user gave it (recorded in experiment.json as ``options``).
     """
     b, opts, res = config.budget, config.options, config.resources
     cache_dir = opts.cache_dir or default_cache_dir()
@@ -127,7 +129,7 @@ def prepare(task: Task, data: str | None, experiment: Experiment, config: Search
         num_classes=len(classes), max_epochs=b.max_epochs, seed=opts.seed, test_key=test_key,
         aug_backend=opts.aug_backend, weights=weights, search_pretrained=opts.search_pretrained,
         tta=task.flip_tta and opts.tta, cpus_per_trial=res.cpus_per_trial)
-    recorded = {**config.flat(), "task": task.name, "data": data, "storage": storage.absolute(opts.storage),
+    recorded = {**(given or config).flat(), "task": task.name, "data": data, "storage": storage.absolute(opts.storage),
                 "name": experiment.location.rstrip("/").rsplit("/", 1)[-1], "cache_dir": cache_dir, "archs": archs}
     experiment.write_meta(dict(
         task=task.name, data=data, options=recorded, budget=b.as_dict(), class_names=classes, folds=b.folds,
@@ -149,3 +151,18 @@ def versions() -> dict:
         except PackageNotFoundError:
             pass
     return out
+
+
+def refold(experiment: Experiment, folds: int) -> TrialContext:
+    """Assign K = ``folds`` folds to a prepared experiment (same images, same seed); returns its context.
+
+    Under a time budget K is fixed after a first measurement of what an epoch
+    costs, but still before the search (fold 0 is its holdout).
+    """
+    meta = experiment.meta()
+    index = assign_folds(experiment.folds(), folds, int(meta["seed"]))
+    experiment.write_folds(index)
+    meta["folds"] = folds
+    meta["budget"]["folds"] = folds
+    experiment.write_meta(meta)
+    return TrialContext.from_dict(meta["context"])

@@ -1,15 +1,69 @@
-"""One progress line for the user: trials running, finished, stopped early, failed, and the best so far."""
+"""One progress line for the user: trials running, finished, stopped early, failed, the best so far, and,
+once epochs have been timed, when the search and the whole job are expected to end."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from ray.tune import Callback
 
+from searchspace.time_budget import Clock, at, clock_text
+
+
+@dataclass
+class Forecast:
+    """When the search and the job should end, from the epochs timed so far.
+
+    With a time budget the search ends at its deadline (``search_until_s``,
+    job seconds), or sooner when ``trials`` is set and they all finish; the job
+    ends when the final stage ``final_s(epoch_s)`` and the reserve are done.
+    Without one, the search ends when the remaining trials have run as many
+    epochs, on average, as the finished ones did, ``slots`` at a time.
+    """
+
+    clock: Clock
+    slots: int
+    trials: int | None                 # None: as many as the time allows
+    search_until_s: float | None       # the search's deadline on the job's clock
+    final_s: object                    # seconds per epoch -> the final stage's estimated seconds
+    after_s: float = 0.0               # after the final stage: the reserve (selection)
+
+    def line(self, trials: list, finished: set[str]) -> str | None:
+        epochs, seconds, done_epochs = 0, 0.0, []
+        for t in trials:
+            r = t.last_result or {}
+            if r.get("epoch") and r.get("time_total_s"):
+                epochs += int(r["epoch"])
+                seconds += float(r["time_total_s"])
+                if t.trial_id in finished:
+                    done_epochs.append(int(r["epoch"]))
+        if not epochs:
+            return None
+        epoch_s = seconds / epochs
+        search_left = None
+        if self.trials is not None:
+            per_trial = sum(done_epochs) / len(done_epochs) if done_epochs else None
+            if per_trial is not None:
+                running = [int((t.last_result or {}).get("epoch", 0)) for t in trials if t.trial_id not in finished]
+                to_go = max(0.0, (self.trials - len(finished)) * per_trial - sum(running))
+                search_left = to_go * epoch_s / max(1, self.slots)
+        if self.search_until_s is not None:
+            deadline = self.search_until_s - self.clock.used()
+            search_left = deadline if search_left is None else min(search_left, deadline)
+        if search_left is None:
+            return None
+        search_left = max(0.0, search_left)
+        job_left = search_left + float(self.final_s(epoch_s)) + self.after_s
+        return (f"search ends ~{at(search_left)} (in {clock_text(search_left)}), "
+                f"job ~{at(job_left)} (in {clock_text(job_left)})")
+
 
 class Progress(Callback):
-    def __init__(self, metric: str, mode: str, max_epochs: int, total: int, every_s: float = 15.0):
+    def __init__(self, metric: str, mode: str, max_epochs: int, total: int | None, every_s: float = 15.0,
+                 forecast: Forecast | None = None):
         self.metric, self.mode, self.max_epochs, self.total = metric, mode, max_epochs, total
         self.every_s, self.start, self.last = every_s, time.time(), 0.0
+        self.forecast = forecast
         self.best: tuple[float, str] | None = None
         self.early: set[str] = set()
         self.finished: set[str] = set()
@@ -49,5 +103,8 @@ class Progress(Callback):
         done = len(self.finished | {t.trial_id for t in trials if t.status == "TERMINATED"})
         best = f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else "no result yet"
         running = sum(t.status == "RUNNING" and t.trial_id not in self.finished for t in trials)
-        print(f"[{time.time() - self.start:5.0f}s] {running} running, {done}/{self.total} finished "
-              f"({len(self.early)} stopped early), {status.count('ERROR')} failed | {best}", flush=True)
+        total = f"/{self.total}" if self.total is not None else ""
+        eta = self.forecast.line(trials, self.finished) if self.forecast and self.best else None
+        print(f"[{time.time() - self.start:5.0f}s] {running} running, {done}{total} finished "
+              f"({len(self.early)} stopped early), {status.count('ERROR')} failed | {best}"
+              + (f" | {eta}" if eta else ""), flush=True)

@@ -7,6 +7,10 @@ that ran their whole schedule, as if both were final. Here a trial that ends
 before its schedule's last epoch without an error is told PRUNED; Optuna keeps
 its intermediate values (reported every epoch by ``on_trial_result``) and TPE
 treats it the way it treats pruned trials. Failed trials stay FAIL.
+
+Each study trial carries its Tune trial id (user attribute ``tune_trial_id``),
+so that what Tune did and what the study holds can be matched afterwards
+(``searchspace.tuner.close_study``).
 """
 from __future__ import annotations
 
@@ -29,6 +33,12 @@ class TruthfulOptunaSearch(OptunaSearch):
     def __init__(self, *args, max_t: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_t = max_t
+
+    def suggest(self, trial_id: str):
+        params = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
+        return params
 
     def on_trial_result(self, trial_id: str, result: dict):
         if trial_id in self._ot_trials:   # else: told already (see on_trial_complete)

@@ -10,6 +10,7 @@ import functools
 import os
 import time
 
+import numpy as np
 import pandas as pd
 
 from core import storage
@@ -17,6 +18,7 @@ from core.experiment import Checkpoint, Experiment, TrialContext, open_journal, 
 from core.metrics import METRICS
 from searchspace.config import Resources, SearchConfig
 from searchspace.tasks import Task
+from searchspace.time_budget import UNLIMITED_TRIALS
 
 
 def study_file(experiment: Experiment, cache_dir: str) -> str:
@@ -101,7 +103,19 @@ def portfolio(task: Task, archs: dict, has_weights: dict, search_pretrained: boo
                             search_pretrained, limit=limit)
 
 
-def build_tuner(task: Task, ctx: TrialContext, config: SearchConfig, archs: dict, cache_dir: str):
+def first_config(task: Task, archs: dict, ctx: TrialContext) -> dict:
+    """The config of the search's first trial: the portfolio's first point with the space's constants."""
+    import optuna
+
+    has_weights = {arch: ctx.weights.get(arch) is not None for arch in archs}
+    point = portfolio(task, archs, has_weights, ctx.search_pretrained, trials=1)[0]
+    constants = task.define_search_space(optuna.trial.FixedTrial(point), archs=archs, pretrained=has_weights,
+                                         search_pretrained=ctx.search_pretrained)
+    return {**point, **constants}
+
+
+def build_tuner(task: Task, ctx: TrialContext, config: SearchConfig, archs: dict, cache_dir: str,
+                deadline=None, forecast=None):
     """The Tuner, OptunaSearch and ASHAScheduler, built together in one place.
 
     ``objective="ensemble"``: the searcher maximises each trial's ``ensemble_gain``
@@ -112,6 +126,9 @@ def build_tuner(task: Task, ctx: TrialContext, config: SearchConfig, archs: dict
     Optuna cannot change a told value, so older trials keep the larger gains of
     a smaller pool (their contribution at the time), which TPE ranks beside
     newer, smaller ones.
+
+    ``deadline`` (``time_budget.Deadline``) stops the search when its share of
+    the time budget ends; ``forecast`` gives the progress line its estimates.
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -155,8 +172,9 @@ def build_tuner(task: Task, ctx: TrialContext, config: SearchConfig, archs: dict
             # its final epoch (never an epoch picked on the holdout), and a completed trial's
             # final checkpoint is fold 0 of its cross-fit. KeepLatest deletes the older ones, not
             # Ray (num_to_keep would make Ray snapshot every trial at every checkpoint).
-            callbacks=[Progress(metric, mode, b.max_epochs, b.trials), KeepLatest()],
-            failure_config=tune.FailureConfig(max_failures=res.max_failures)))
+            callbacks=[Progress(metric, mode, b.max_epochs, None if b.trials == UNLIMITED_TRIALS else b.trials,
+                                forecast=forecast), KeepLatest()],
+            stop=deadline, failure_config=tune.FailureConfig(max_failures=res.max_failures)))
 
 
 def checkpoint_uri(experiment: Experiment, path_in_fs: str) -> str:
@@ -165,7 +183,8 @@ def checkpoint_uri(experiment: Experiment, path_in_fs: str) -> str:
     return experiment.file(path_in_fs[len(root):]) if path_in_fs.startswith(root) else path_in_fs
 
 
-def collect(results, metric: str, experiment: Experiment, max_epochs: int) -> pd.DataFrame:
+def collect(results, metric: str, experiment: Experiment, max_epochs: int,
+            reasons: dict[str, str] | None = None) -> pd.DataFrame:
     """trials.parquet and candidates/<trial_id>/ from a ResultGrid.
 
     ``score`` is the metric at a trial's last epoch and its candidate is that
@@ -173,6 +192,11 @@ def collect(results, metric: str, experiment: Experiment, max_epochs: int) -> pd
     and then ensembling those same predictions would be optimistic.
     ``best_score``/``best_epoch`` are kept to show the learning curve's peak.
     ``completed``: the trial ran its whole schedule (ASHA did not stop it).
+    ``stop_reason``: completed, asha, time budget (the search's share ended
+    while it ran) or error, from ``reasons`` (the study's record) where it has
+    the trial. ``epoch_s``: its median seconds per epoch after the first (the
+    first also starts the actor), ``eval_s`` its holdout prediction's; the
+    final stage is planned from them.
     """
     mode = METRICS[metric].mode
     rows = []
@@ -184,7 +208,7 @@ def collect(results, metric: str, experiment: Experiment, max_epochs: int) -> pd
                "completed": False, "stopped_early": False, "seconds": (result.metrics or {}).get("time_total_s"),
                "status": "error" if result.error else "ok",
                "error": str(result.error).strip().splitlines()[-1][:500] if result.error else None,
-               "checkpoint": None}
+               "stop_reason": "error" if result.error else None, "checkpoint": None}
         if history is not None and metric in history and len(history):
             history = history.drop_duplicates("epoch", keep="last")   # a retried trial repeats epochs
             best = history[metric].idxmax() if mode == "max" else history[metric].idxmin()
@@ -194,7 +218,17 @@ def collect(results, metric: str, experiment: Experiment, max_epochs: int) -> pd
             if "ensemble_gain" in history:
                 row["ensemble_gain"] = float(history["ensemble_gain"][last])
             row["completed"] = row["epochs_run"] >= max_epochs and not result.error
-            row["stopped_early"] = row["epochs_run"] < max_epochs and not result.error
+            reason = (reasons or {}).get(row["trial_id"])
+            if reason is None:
+                reason = "error" if result.error else "completed" if row["completed"] else "asha"
+            row["stop_reason"] = "error" if result.error else reason
+            row["stopped_early"] = row["stop_reason"] == "asha"
+            if "time_this_iter_s" in history:
+                times = history.sort_values("epoch")["time_this_iter_s"].to_numpy()
+                row["epoch_s"] = float(np.median(times[1:] if len(times) > 1 else times))
+                row["first_epoch_s"] = float(times[0])
+            if "eval_s" in history:
+                row["eval_s"] = float(history["eval_s"].median())
         if result.checkpoint is not None and row["score"] is not None:
             uri = checkpoint_uri(experiment, result.checkpoint.path)
             row["checkpoint"] = uri
@@ -218,34 +252,59 @@ def leaderboard(trials: pd.DataFrame, metric: str, mode: str, top: int = 15) -> 
     return text
 
 
-def close_orphan_trials(journal_file: str) -> None:
-    """Mark Optuna trials still RUNNING as failed once the search is over.
+TIME_BUDGET = "time budget"   # a trial's stop_reason when the search's share of the budget ended it
 
-    A driver killed between the searcher's ask and Tune's next snapshot leaves
-    a trial in the journal that Tune never ran; the dashboard would show it
-    running for ever.
+
+def close_study(journal_file: str, budget_ended: bool = False) -> dict[str, str]:
+    """Tell the study how the trials it still holds as RUNNING ended; {tune trial id: stop reason}.
+
+    When the search's share of the time budget ended (``budget_ended``), a
+    trial that had reported epochs was stopped by it: PRUNED, with its
+    intermediate values and ``stopped_by`` "time budget". A trial with no
+    result (asked for, never run: the driver died, or the search ended first)
+    is closed as FAIL, so the dashboard does not show it running for ever.
+    Returns each trial's reason as the study records it: "completed", "asha"
+    (pruned by ASHA), "time budget" or "error".
     """
     import optuna
+
+    reasons: dict[str, str] = {}
     if not os.path.exists(journal_file):
-        return
+        return reasons
+    states = optuna.trial.TrialState
     journal = open_journal(journal_file)
     for summary in optuna.get_all_study_summaries(journal):
         study = optuna.load_study(study_name=summary.study_name, storage=journal)
-        for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        study_id = journal.get_study_id_from_name(summary.study_name)
+        for t in study.get_trials(deepcopy=False):
+            state, reason = t.state, t.user_attrs.get("stopped_by")
+            if state == states.RUNNING:
+                if budget_ended and t.intermediate_values:
+                    journal.set_trial_user_attr(journal.get_trial_id_from_study_id_trial_number(study_id, t.number),
+                                                "stopped_by", TIME_BUDGET)
+                    study.tell(t.number, state=states.PRUNED)
+                    state, reason = states.PRUNED, TIME_BUDGET
+                else:
+                    study.tell(t.number, state=states.FAIL)
+                    state = states.FAIL
+            tune_id = t.user_attrs.get("tune_trial_id")
+            if tune_id:
+                reasons[tune_id] = {states.COMPLETE: "completed", states.PRUNED: reason or "asha"}.get(state, "error")
+    return reasons
 
 
 def finish_search(experiment: Experiment, results, metric: str, max_epochs: int, start: float,
-                  cache_dir: str) -> pd.DataFrame | None:
+                  cache_dir: str, budget_ended: bool = False) -> pd.DataFrame | None:
     """After the search: trials.parquet, candidates, the study in the experiment, the leaderboard.
 
+    ``budget_ended``: the search's share of the time budget stopped it.
     Returns the trials, or None when every trial failed (said on stderr).
     """
     import sys
 
     journal_file = study_file(experiment, cache_dir)
-    close_orphan_trials(journal_file)
-    trials = collect(results, metric, experiment, max_epochs)
+    reasons = close_study(journal_file, budget_ended)
+    trials = collect(results, metric, experiment, max_epochs, reasons)
     if trials["checkpoint"].isna().all():
         first = trials["error"].dropna().iloc[0] if trials["error"].notna().any() else "unknown"
         print(f"\nevery trial failed; nothing to cross-fit. First error: {first}", file=sys.stderr)

@@ -588,6 +588,34 @@ def test_a_trial_that_had_failed_stays_failed_on_resume(tmp_path, ray_tmp):
     assert _processes_with(marker) == [], "the resumed driver left processes running"
 
 
+@pytest.mark.slow
+def test_a_budgeted_search_killed_and_resumed_goes_on_with_the_rest_of_its_budget(tmp_path, ray_tmp):
+    storage_root, cache = tmp_path / "runs", tmp_path / "cache"
+    experiment, max_epochs, budget = storage_root / "killed", 3, 150
+    argv = ["digits", "--storage", str(storage_root), "--name", "killed", "--archs", "test_resnet",
+            "--image-sizes", "16", "--max-epochs", str(max_epochs), "--grace-period", str(max_epochs),
+            "--cache-dir", str(cache), "--seed", "0", "--time-budget", str(budget)]
+    env, marker, log, state, done, mid = _kill_mid_search(tmp_path, ray_tmp, argv, max_epochs)
+    before = json.loads((experiment / "clock.json").read_text())
+    assert before["budget_s"] == budget and before["state"]["phase"] == "search" and before["used_s"] > 0
+    with open(log, "a") as f:
+        f.write("\n=== resume ===\n")
+    _resume(argv, log, tmp_path, env)
+    text = log.read_text().split("=== resume ===")[1]
+    assert "time budget 2m30s: " in text and "used before the resume" in text, text
+    after = json.loads((experiment / "clock.json").read_text())
+    # the clock went on from what the killed session had used; the search kept its deadline
+    assert after["state"]["phase"] == "done" and after["state"]["search_until_s"] == before["state"]["search_until_s"]
+    assert before["used_s"] < after["used_s"] <= budget + 20, (before, after)
+    assert (experiment / "ensemble" / "submission.csv").exists()
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    assert set(done) <= set(trials["trial_id"]) and set(mid) <= set(trials["trial_id"])
+    deadline = time.time() + 30
+    while _processes_with(marker) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _processes_with(marker) == [], "the resumed driver left processes running"
+
+
 # --- d. a config that fails every time -------------------------------------------------
 
 @pytest.mark.slow

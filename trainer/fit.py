@@ -169,32 +169,38 @@ class Run:
         self.model.train()
         seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
         for batch, y in self.loader:
-            batch, y = batch.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with torch.no_grad():
-                x = to_input(batch, self.mean, self.std, self.on_device_aug)
-            x, target = mix_batch(x, F.one_hot(y, self.num_classes).float(), self.policy, self.rng)
-            with torch.autocast(**self.amp):
-                loss = F.cross_entropy(self.model(x).float(), target, weight=self.loss_weights,
-                                       label_smoothing=self.recipe.label_smoothing)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
+            loss_sum += self.step(batch, y) * len(y)
             seen += len(y)
-            loss_sum += float(loss.detach()) * len(y)
         return loss_sum / max(1, seen), seen / (time.perf_counter() - t0)
+
+    def step(self, batch: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimiser step on a uint8 batch and its labels; returns the loss."""
+        batch, y = batch.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with torch.no_grad():
+            x = to_input(batch, self.mean, self.std, self.on_device_aug)
+        x, target = mix_batch(x, F.one_hot(y, self.num_classes).float(), self.policy, self.rng)
+        with torch.autocast(**self.amp):
+            loss = F.cross_entropy(self.model(x).float(), target, weight=self.loss_weights,
+                                   label_smoothing=self.recipe.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return float(loss.detach())
 
     def evaluate(self, epoch: int) -> tuple[dict, np.ndarray]:
         """The holdout fold's probabilities and the metrics Tune gets."""
         import ray
 
+        t0 = time.perf_counter()
         probs = predict_probs(self.model, self.images, self.hold_rows)
+        eval_s = time.perf_counter() - t0
         y = self.labels[self.hold_rows]
         name = self.ctx.metric
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         return {name: METRICS[name].fn(y, probs), "val_loss": log_loss(y, probs), "epoch": epoch,
-                "fold": self.fold, "node_id": node}, probs
+                "fold": self.fold, "node_id": node, "eval_s": eval_s}, probs
 
     def report(self, metrics: dict, probs: np.ndarray) -> None:
         """Checkpoint (weights, training state, config, holdout predictions) and report to Tune."""
@@ -265,6 +271,33 @@ def crossfit_fold(config: dict, ctx: TrialContext) -> None:
         if epoch + 1 == epochs:
             write_fold(ctx, job["candidate"], run, probs)
         run.report({**metrics, "train_loss": train_loss, "images_per_s": images_per_s}, probs)
+
+
+def measure(config: dict, ctx: TrialContext, seconds: float = 6.0) -> dict:
+    """What ``config`` costs on this node, on fold 0: seconds per training image and per predicted image
+    (no augmentation cost left out: the real loader), and the set-up (node cache, model) of a job.
+
+    Trains for about ``seconds`` after one warm-up batch; the weights are thrown away.
+    """
+    t0 = time.perf_counter()
+    run = Run(config, ctx, fold=0, epochs=1)
+    setup = time.perf_counter() - t0
+    run.model.train()
+    seen, start = 0, None
+    for batch, y in run.loader:
+        run.step(batch, y)
+        if start is None:   # the first batch warms up the loader workers and the kernels
+            start = time.perf_counter()
+            continue
+        seen += len(y)
+        if time.perf_counter() - start >= seconds:
+            break
+    train = (time.perf_counter() - start) / seen if seen else (time.perf_counter() - t0 - setup)
+    rows = run.hold_rows[:512]
+    t1 = time.perf_counter()
+    predict_probs(run.model, run.images, rows)
+    predict = (time.perf_counter() - t1) / max(1, len(rows))
+    return dict(train_s_per_image=train, predict_s_per_image=predict, setup_s=setup)
 
 
 def write_fold(ctx: TrialContext, candidate: str, run: Run, hold_probs: np.ndarray,

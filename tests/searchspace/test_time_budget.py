@@ -1,0 +1,184 @@
+"""--time-budget: the split of the budget, the final stage's plan, the clock, and budgeted runs on real images.
+
+The rules (searchspace.time_budget) are checked on numbers chosen by hand; the
+budgeted runs are real searches on tiny images written to disk: they end
+within the budget and a stated margin with a submission, the final stage
+trains every fold at the planned length, and a budget too small for one
+final config is refused before any trial. A budgeted search killed and
+resumed is in tests/test_distributed.py, with the other kills.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+
+import pandas as pd
+import pytest
+from helpers import make_paddy
+
+from core.errors import BadInput
+from core.experiment import Experiment
+from searchspace import time_budget as tb
+from searchspace.run import main
+
+# --- the rules ---------------------------------------------------------------------------
+
+def test_makespan_fills_the_first_free_slot_in_order():
+    assert tb.makespan([], 2) == 0
+    assert tb.makespan([10, 10, 10], 2) == 20     # three equal jobs on two slots: two rounds
+    assert tb.makespan([10, 10, 10, 10], 2) == 20
+    assert tb.makespan([30, 10, 10, 10], 2) == 30
+    assert tb.makespan([5, 5], 4) == 5
+
+
+MEASURED = tb.Measured(train_s_per_image=0.001, predict_s_per_image=0.0002, setup_s=2.0)
+
+
+def test_a_fold_job_costs_its_share_of_the_images():
+    c = MEASURED.on_fold(n_images=1000, folds=4, n_test=500, tta=True)
+    assert c.epoch_s == pytest.approx(750 * 0.001 + 250 * 0.0002 + tb.EPOCH_OVERHEAD_S)
+    assert c.job_s == pytest.approx(2.0 + 500 * 0.0002 * 2)
+
+
+def test_split_takes_the_most_folds_whose_one_config_reaches_the_length_cap():
+    # 1000 images, 10 searched epochs, 2 slots: one epoch on a K-fold costs about (K-1)/K s
+    big = tb.split(3600, 30, MEASURED, 1000, 0, False, 10, 2, folds=None, max_folds=5)
+    assert big.folds == 5
+    assert big.search_s == pytest.approx(tb.SEARCH_SHARE * (3600 - 30 - big.reserve_s))
+    assert big.search_until_s == pytest.approx(30 + big.search_s)
+    # 150 s: 70 s for the final stage; at 30 epochs 5 folds take 3 rounds of 33 s, 4 folds 2 rounds of 32 s
+    small = tb.split(150, 30, MEASURED, 1000, 0, False, 10, 2, folds=None, max_folds=5)
+    assert small.folds == 4
+    # a K the user gave stands
+    assert tb.split(3600, 30, MEASURED, 1000, 0, False, 10, 2, folds=3, max_folds=5).folds == 3
+
+
+def test_a_budget_too_small_for_one_final_config_is_refused_with_the_budget_that_would_do():
+    with pytest.raises(BadInput) as e:
+        tb.split(60, 30, MEASURED, 100_000, 0, False, 10, 2, folds=None, max_folds=5)
+    text = str(e.value)
+    assert text.startswith("--time-budget 1m00s: too small for even one final config")
+    assert "give at least --time-budget" in text and "\n" not in text
+    # the budget it names is enough
+    suggested = text.split("give at least --time-budget ")[1].split(",")[0]
+    tb.split(tb_seconds(suggested), 30, MEASURED, 100_000, 0, False, 10, 2, folds=None, max_folds=5)
+
+
+def tb_seconds(text: str) -> float:
+    from searchspace.config import duration
+    return duration(text)
+
+
+def costs(n: int, epoch_s: float = 1.0, job_s: float = 0.0) -> dict:
+    return {f"c{i}": tb.Cost(epoch_s, job_s) for i in range(n)}
+
+
+def test_the_final_stage_trains_one_config_longer_before_it_trains_more():
+    # 2 folds on 2 slots: a config's epochs cost 1 s of wall time each
+    plan = tb.plan_final(costs(3), 20 + tb.STAGE_START_S, folds=2, slots=2, searched_epochs=10)
+    assert (plan.configs, plan.epochs) == (["c0"], 20)          # below the cap: all on length
+    plan = tb.plan_final(costs(3), 35 + tb.STAGE_START_S, folds=2, slots=2, searched_epochs=10)
+    assert (plan.configs, plan.epochs) == (["c0"], 30)          # the cap (3 x 10); two would get 17 < 2/3 x 30
+    plan = tb.plan_final(costs(3), 60 + tb.STAGE_START_S, folds=2, slots=2, searched_epochs=10)
+    assert (plan.configs, plan.epochs) == (["c0", "c1", "c2"], 20)   # three keep 2/3 of the cap
+    plan = tb.plan_final(costs(3), 1000, folds=2, slots=2, searched_epochs=10)
+    assert (plan.configs, plan.epochs) == (["c0", "c1", "c2"], 30)
+    assert plan.seconds <= 1000
+
+
+def test_another_config_joins_when_every_config_keeps_two_thirds_of_the_length():
+    # the cap is 30 epochs: two configs at 20 (2/3 of it) fit in 40 s, one config alone gets 30
+    plan = tb.plan_final(costs(2), 40 + tb.STAGE_START_S, folds=2, slots=2, searched_epochs=10)
+    assert (plan.configs, plan.epochs) == (["c0", "c1"], 20)
+    plan = tb.plan_final(costs(2), 39 + tb.STAGE_START_S, folds=2, slots=2, searched_epochs=10)
+    assert (plan.configs, plan.epochs) == (["c0"], 30)
+
+
+def test_a_given_number_of_configs_gets_the_length_that_fits_them():
+    plan = tb.plan_final(costs(3, job_s=5), 65 + tb.STAGE_START_S, folds=2, slots=2, searched_epochs=10, top=3)
+    assert plan.configs == ["c0", "c1", "c2"] and plan.epochs == 16   # 3 rounds of (5 + 16) on 2 slots
+
+
+def test_a_plan_never_goes_below_one_epoch_and_says_it_ran_short():
+    plan = tb.plan_final(costs(1, epoch_s=100), 10, folds=2, slots=2, searched_epochs=10)
+    assert plan.epochs == 1 and plan.epochs < plan.searched_epochs
+
+
+def test_the_clock_counts_on_from_what_an_earlier_session_used(tmp_path):
+    exp = Experiment(str(tmp_path / "exp"))
+    clock = tb.Clock.start(exp.location, 600, started=time.time() - 100)
+    clock.save(phase="search", search_until_s=300)
+    assert exp.clock()["used_s"] == pytest.approx(100, abs=1)
+    later = tb.Clock.resume(exp)               # a new session: the time since the save is not counted
+    assert later.budget_s == 600 and later.state["search_until_s"] == 300
+    assert later.used() == pytest.approx(100, abs=1) and later.left() == pytest.approx(500, abs=1)
+    assert tb.Clock.of(exp.location) is later
+
+
+def test_a_deadline_stops_at_its_second_of_the_job_clock(tmp_path):
+    location = str(tmp_path / "exp")
+    clock = tb.Clock.start(location, 100, started=time.time() - 50)
+    assert not tb.Deadline(location, 60).stop_all()
+    assert tb.Deadline(location, 40).stop_all()
+    clock.used_before = 20                     # resumed: 20 s before + 50 s now
+    assert tb.Deadline(location, 60).stop_all()
+    assert tb.Deadline(str(tmp_path / "no clock"), 0).stop_all() is False
+
+
+# --- budgeted runs ------------------------------------------------------------------------
+
+def _argv(data, tmp_path, budget: str, *extra: str) -> list[str]:
+    return ["paddy", "--data", str(data), "--storage", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
+            "--name", "tb", "--archs", "test_resnet,test_efficientnet", "--image-sizes", "16",
+            "--max-epochs", "3", "--grace-period", "1", "--pretrained", "no", "--time-budget", budget, *extra]
+
+
+MARGIN_S = 20   # stated in the README: a budgeted run ends within its budget plus this
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_ends_within_its_budget_with_a_submission_and_trains_the_plan(tmp_path, ray_session):
+    data = make_paddy(tmp_path / "data", classes=3, per_class=12, test=6)
+    out = io.StringIO()
+    start = time.time()
+    with contextlib.redirect_stdout(out):
+        code = main(_argv(data, tmp_path, "75s"))
+    took = time.time() - start
+    text = out.getvalue()
+    assert code == 0, text
+    assert took <= 75 + MARGIN_S, (took, text)
+    exp = Experiment(str(tmp_path / "runs" / "tb"))
+    clock = exp.clock()
+    assert clock["budget_s"] == 75 and clock["used_s"] <= 75 + MARGIN_S and clock["state"]["phase"] == "done"
+    # the split was said before the search, the plan before the final stage, the estimate while it ran
+    assert "time budget 1m15s:" in text and "final stage planned:" in text and "search ends ~" in text
+    assert text.index("time budget 1m15s:") < text.index("search finished") < text.index("final stage planned:")
+    # a submission, from the ensemble of what the final stage finished
+    sub = pd.read_csv(exp.submission_file)
+    assert len(sub) == 6 and "job: " in text and "within it" in text
+    # the final stage trained every fold of every planned config at the planned length, fold 0 included
+    plan = exp.meta()["final_plan"]
+    assert plan["configs"] and plan["epochs"] >= 1 and plan["folds"] == exp.meta()["folds"]
+    for tid in plan["configs"]:
+        for k in range(plan["folds"]):
+            fold = exp.candidate(f"cv-{tid}").fold(k)
+            assert fold.done() and fold.record()["epochs"] == plan["epochs"], (tid, k)
+            assert fold.record()["checkpoint"] == fold.location or plan["epochs"] == plan["searched_epochs"]
+    # trials stopped by the search's deadline are recorded as such, in trials.parquet and the study
+    trials = exp.trials()
+    assert set(trials["stop_reason"].dropna()) <= {"completed", "asha", "time budget", "error"}
+
+
+@pytest.mark.slow
+def test_a_budget_too_small_for_one_config_is_refused_before_any_trial(tmp_path, ray_session, capsys):
+    data = make_paddy(tmp_path / "data", classes=3, per_class=12, test=6)
+    code = main(_argv(data, tmp_path, "25s", "--max-epochs", "200"))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert lines[0].startswith("error: --time-budget 25s: too small for even one final config")
+    assert not (tmp_path / "runs" / "tb").exists()   # nothing ran: the same --name can be used again
+    json.dumps(lines)

@@ -10,6 +10,11 @@ package already installed in the venv (the ``bench`` extra):
   -> the deepfake folder layout;
 - ``skimage.data.brick()``, ``grass()``, ``gravel()``: three 512x512 grayscale
   texture photos cut into 32x32 patches -> the imagefolder layout;
+- ``skimage.data`` photos (astronaut, chelsea, coffee, rocket, hubble_deep_field,
+  immunohistochemistry, retina, stereo_motorcycle, camera, moon): 10 classes of
+  40x40 RGB patches cut at random positions and scales, training patches from
+  the left 75 % of each photo and test patches from the right 25 %, classes
+  imbalanced by photo size -> the paddy layout;
 - ``animal-shape-mnist`` (0.39): Animal-MNIST, 10,000 28x28 grayscale animal
   silhouettes, 10 classes x 1,000 (9,716 after dropping exact duplicates)
   -> the imagefolder layout;
@@ -316,7 +321,112 @@ def animals(root: str, n_train: int = 2000, n_test: int = 500, seed: int = 0) ->
     return _build(root, f"animals-tr{n_train}-te{n_test}-s{seed}", write)
 
 
-BUILDERS = {"mnist": mnist, "lfw": lfw, "textures": textures, "animals": animals}
+# --- skimage photos -> paddy ----------------------------------------------------------
+
+# One class per photo: natural photos that ship inside scikit-image (no pooch download);
+# the first eight are colour, camera and moon grayscale (written as 3 equal channels).
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+          "retina", "stereo_motorcycle", "camera", "moon")
+PHOTO_PATCH = 40
+PHOTO_CROP = (40, 96)      # side of the square crop, resized to PHOTO_PATCH
+PHOTO_TRAIN_FRAC = 0.75    # training crops lie inside the left 75 % of the width, test crops the right 25 %
+PHOTO_MIN_STD = 4.0        # redraw crops this flat (e.g. black sky or retina background): no label in them
+
+
+def _photo(name: str) -> np.ndarray:
+    from skimage import data
+
+    img = getattr(data, name)()
+    if isinstance(img, tuple):   # stereo_motorcycle: (left, right, disparity)
+        img = img[0]
+    img = _to_uint8(img)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    return np.ascontiguousarray(img[..., :3])
+
+
+def _split_counts(n: int, weights: np.ndarray) -> np.ndarray:
+    """n split in proportion to weights (largest remainders), every count >= 1."""
+    raw = n * weights / weights.sum()
+    out = np.floor(raw).astype(int)
+    out[np.argsort(out - raw)[:n - out.sum()]] += 1
+    return out
+
+
+def photos(root: str, n_train: int = 2000, n_test: int = 1000, seed: int = 0) -> dict:
+    """Random square patches of 10 scikit-image photos, one class per photo, in the paddy layout.
+
+    Each sample is a square crop of side 40..96 px (uniform) at a uniform random
+    position, resized to 40x40 (cv2.INTER_AREA) and saved as 8-bit RGB PNG
+    (camera and moon are grayscale: 3 equal channels). Training crops lie
+    entirely inside the left 75 % of the photo's width and test crops inside the
+    right 25 %, so no test patch shares a pixel with a training patch. Crops with
+    a gray-level std under 4 (flat black backgrounds) are redrawn. The classes are
+    imbalanced, in proportion to the square root of each photo's area (plain area
+    would leave chelsea under 3 %): n_train / n_test in total.
+
+    train.csv (image_id,label,variety,age), train_images/<label>/<image_id>,
+    test_images/<image_id>, sample_submission.csv (image_id,label).
+    """
+    import cv2
+
+    def crops(img: np.ndarray, x0: int, x1: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+        h = img.shape[0]
+        out, tries = [], 0
+        while len(out) < n:
+            tries += 1
+            if tries > 100 * n + 1000:
+                raise RuntimeError("photos: too many flat crops")
+            side = int(rng.integers(PHOTO_CROP[0], min(PHOTO_CROP[1], x1 - x0, h) + 1))
+            x = int(rng.integers(x0, x1 - side + 1))
+            y = int(rng.integers(0, h - side + 1))
+            crop = img[y:y + side, x:x + side]
+            if crop.mean(-1).std() < PHOTO_MIN_STD:
+                continue
+            out.append(cv2.resize(crop, (PHOTO_PATCH, PHOTO_PATCH), interpolation=cv2.INTER_AREA))
+        return out
+
+    def write(folder: str):
+        rng = np.random.default_rng(seed)
+        images = {name: _photo(name) for name in PHOTOS}
+        sizes = np.array([np.sqrt(im.shape[0] * im.shape[1]) for im in images.values()])
+        n_tr, n_te = _split_counts(n_train, sizes), _split_counts(n_test, sizes)
+        train, test = [], []
+        for name, k_tr, k_te in zip(PHOTOS, n_tr, n_te):
+            img = images[name]
+            w = img.shape[1]
+            cut = int(w * PHOTO_TRAIN_FRAC)
+            train += [(name, p) for p in crops(img, 0, cut, int(k_tr), rng)]
+            test += [(name, p) for p in crops(img, cut, w, int(k_te), rng)]
+        ids = _ids(len(train) + len(test), "p", rng)
+        rows = []
+        for (name, patch), i in zip(train, ids):
+            _png(os.path.join(folder, "train_images", name, i), patch[..., ::-1])   # cv2 writes BGR
+            rows.append((i, name, "photo", 0))
+        test_ids = ids[len(train):]
+        for (name, patch), i in zip(test, test_ids):
+            _png(os.path.join(folder, "test_images", i), patch[..., ::-1])
+        pd.DataFrame(rows, columns=["image_id", "label", "variety", "age"]).to_csv(
+            os.path.join(folder, "train.csv"), index=False)
+        pd.DataFrame({"image_id": sorted(test_ids), "label": ""}).to_csv(
+            os.path.join(folder, "sample_submission.csv"), index=False)
+        labels = pd.DataFrame({"image_id": test_ids, "label": [name for name, _ in test]})
+        info = dict(dataset="photos", task="paddy",
+                    source="skimage.data." + "(), ".join(PHOTOS) + "() (10 photos shipped with scikit-image)",
+                    layout="paddy: train.csv, train_images/<label>/<id>.png, test_images/<id>.png, "
+                           "sample_submission.csv",
+                    image=f"{PHOTO_PATCH}x{PHOTO_PATCH} 8-bit RGB PNG patches (crops of side "
+                          f"{PHOTO_CROP[0]}-{PHOTO_CROP[1]} px resized; train from the left "
+                          f"{PHOTO_TRAIN_FRAC:.0%} of each photo, test from the right {1 - PHOTO_TRAIN_FRAC:.0%})",
+                    classes=list(PHOTOS), splits={"train": len(train), "test": len(test)},
+                    per_class={"train": counts(c for c, _ in train), "test": counts(c for c, _ in test)},
+                    seed=seed)
+        return info, labels
+
+    return _build(root, f"photos-tr{n_train}-te{n_test}-s{seed}", write)
+
+
+BUILDERS = {"mnist": mnist, "lfw": lfw, "textures": textures, "animals": animals, "photos": photos}
 
 
 # --- pretrained weights ----------------------------------------------------------------

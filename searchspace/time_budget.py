@@ -33,7 +33,8 @@ from core.errors import BadInput
 from core.experiment import Experiment
 
 SEARCH_SHARE = 0.3     # of what is left after the data check and the reserve
-LENGTH_CAP = 3         # the final stage trains at most this many times the searched length
+LENGTH_CAP = 3         # the length the final stage aims at, in times the searched length ...
+LENGTH_MAX = 6         # ... and what it stretches to when the time left holds no further config
 SHORTER_FOR_BREADTH = 2 / 3   # another config joins if every config still gets this share of the first's length
 STAGE_START_S = 8.0    # starting the final stage's Tune run and its first actors
 RESERVE_MIN_S = 20.0   # kept for starting the final stage, assembling the candidates and the selection ...
@@ -244,8 +245,9 @@ def plan_final(costs: dict[str, Cost], available_s: float, folds: int, slots: in
     Length first: the first config gets the most epochs that fit, up to
     ``LENGTH_CAP`` times the searched length; more configs join while every
     config still gets ``SHORTER_FOR_BREADTH`` of that length, and then all
-    train at the longest length that fits them. ``top`` fixes the number of
-    configs.
+    train at the longest length that fits them, up to ``LENGTH_MAX`` times the
+    searched length (time that holds no further config is not left idle).
+    ``top`` fixes the number of configs.
     Never shorter than 1 epoch; ``epochs`` below the searched length means the
     search overran its share (said by the caller).
     """
@@ -253,7 +255,7 @@ def plan_final(costs: dict[str, Cost], available_s: float, folds: int, slots: in
     cap = LENGTH_CAP * searched_epochs
     total_s, available_s = available_s, available_s - STAGE_START_S
 
-    def longest(m: int) -> int:
+    def longest(m: int, cap: int = cap) -> int:
         """The most epochs (<= cap) at which the first m configs fit, 0 if not even one does."""
         lo, hi = 0, cap
         while lo < hi:
@@ -275,5 +277,5 @@ def plan_final(costs: dict[str, Cost], available_s: float, folds: int, slots: in
         m = 1
         while m < len(ids) and target > 0 and longest(m + 1) >= SHORTER_FOR_BREADTH * target:
             m += 1
-    epochs = max(1, longest(m))
+    epochs = max(1, longest(m, LENGTH_MAX * searched_epochs))
     return Plan(ids[:m], epochs, folds, slots, STAGE_START_S + seconds(m, epochs), searched_epochs, total_s)

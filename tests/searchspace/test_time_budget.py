@@ -80,11 +80,12 @@ def test_the_final_stage_trains_one_config_longer_before_it_trains_more():
     plan = tb.plan_final(costs(3), 20 + tb.STAGE_START_S, folds=2, slots=2, searched_epochs=10)
     assert (plan.configs, plan.epochs) == (["c0"], 20)          # below the cap: all on length
     plan = tb.plan_final(costs(3), 35 + tb.STAGE_START_S, folds=2, slots=2, searched_epochs=10)
-    assert (plan.configs, plan.epochs) == (["c0"], 30)          # the cap (3 x 10); two would get 17 < 2/3 x 30
+    # past the cap (3 x 10): two would get 17 < 2/3 x 30, so one config, stretched over the time left
+    assert (plan.configs, plan.epochs) == (["c0"], 35)
     plan = tb.plan_final(costs(3), 60 + tb.STAGE_START_S, folds=2, slots=2, searched_epochs=10)
     assert (plan.configs, plan.epochs) == (["c0", "c1", "c2"], 20)   # three keep 2/3 of the cap
     plan = tb.plan_final(costs(3), 1000, folds=2, slots=2, searched_epochs=10)
-    assert (plan.configs, plan.epochs) == (["c0", "c1", "c2"], 30)
+    assert (plan.configs, plan.epochs) == (["c0", "c1", "c2"], 60)   # never more than 6 x the searched length
     assert plan.seconds <= 1000
 
 
@@ -93,7 +94,7 @@ def test_another_config_joins_when_every_config_keeps_two_thirds_of_the_length()
     plan = tb.plan_final(costs(2), 40 + tb.STAGE_START_S, folds=2, slots=2, searched_epochs=10)
     assert (plan.configs, plan.epochs) == (["c0", "c1"], 20)
     plan = tb.plan_final(costs(2), 39 + tb.STAGE_START_S, folds=2, slots=2, searched_epochs=10)
-    assert (plan.configs, plan.epochs) == (["c0"], 30)
+    assert (plan.configs, plan.epochs) == (["c0"], 39)
 
 
 def test_a_given_number_of_configs_gets_the_length_that_fits_them():

@@ -1,0 +1,244 @@
+"""Benchmark: anytime performance against the simplest alternative, at equal wall time, on real held-out images.
+
+For each dataset, seed and budget B, side by side in one run (alternating which goes first):
+
+- the pipeline: ``python -m searchspace.run TASK --data DIR --archs ARCHS --time-budget B --seed S``
+  (search, final stage, selection and submission inside B), scored on the held-out test labels;
+- the simplest alternative, in a child process of its own with the same B: the task's default
+  recipe on one architecture (the first of ARCHS), trained on every training image for as many
+  epochs as fit (one timed epoch first, then a fresh model for the rest of the time, cosine to the
+  end), predicting the test images with flip TTA where the task uses it. It uses every core.
+
+Both start cold (their own empty image cache) and count their imports, the data check and the
+test predictions. Reported: test accuracy and log loss of both, the wall time each used, how the
+pipeline split it (search, final stage: configs x folds x epochs), and mean and spread over seeds.
+
+    python bench/time_budget.py                                   # full: 3 datasets x 3 seeds x 3, 6, 12, 24 min
+    python bench/time_budget.py --datasets animals --budgets 6 --seeds 0          # one cell
+    python bench/time_budget.py --report-only                     # the table and plot from the saved results
+    python bench/time_budget.py baseline --task T --data DIR ...  # the alternative alone (what the runs call)
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+ARCHS = "test_resnet,test_efficientnet,efficientnet_lite0,mobilenetv3_small_050"
+SIZES = "32,48"   # the images are 25-40 px
+OUT = os.path.join(harness.RESULTS, "time_budget")
+
+
+# --- the simplest alternative ------------------------------------------------------------
+
+def baseline(a) -> None:
+    """One default recipe, trained long: what a user writes in 60 lines. Writes its test probabilities."""
+    import contextlib
+    import io
+
+    import numpy as np
+
+    from core.experiment import probs_table
+    from core.storage import write_parquet
+    from searchspace.api import prepare_search
+    from searchspace.config import SearchConfig
+    from searchspace.tuner import first_config
+    from trainer.cache import cached_images
+    from trainer.fit import Run
+    from trainer.inference import predict_probs
+
+    deadline = a.start + a.budget
+    config = SearchConfig.from_kwargs(storage=a.work, name="baseline", archs=a.arch, image_sizes=SIZES,
+                                      cache_dir=a.cache_dir,
+                                      weights_dir=a.weights_dir, folds=2, cpus_per_trial=os.cpu_count(),
+                                      tta=not a.no_tta)
+    with contextlib.redirect_stdout(io.StringIO()):
+        p = prepare_search(a.task, a.data, config)
+    recipe = first_config(p.task, p.archs, p.ctx)
+    test = p.experiment.test()
+    images = cached_images(test["path"].tolist(), p.ctx.test_key, recipe["image_size"], recipe["resize_mode"],
+                           p.ctx.cache_dir)
+    # one timed epoch (its weights thrown away) says how many fit in what is left
+    t0 = time.time()
+    Run(recipe, p.ctx, fold=None, epochs=1).train_epoch()
+    t1 = time.time()
+    epoch_s = t1 - t0
+    left = deadline - t1 - 2 * epoch_s * len(test) / max(1, len(p.experiment.folds()))   # the test predictions
+    epochs = max(1, int(left * 0.97 / epoch_s))
+    run = Run(recipe, p.ctx, fold=None, epochs=epochs)
+    for _ in range(epochs):
+        run.train_epoch()
+    probs = predict_probs(run.model, images, tta=p.ctx.tta)
+    write_parquet(a.out, probs_table(test["sample_id"], probs))
+    with open(a.out + ".json", "w") as f:
+        json.dump(dict(epochs=epochs, epoch_s=epoch_s, recipe={k: recipe[k] for k in ("arch", "image_size", "lr")},
+                       classes=p.experiment.meta()["class_names"]), f)
+    print(f"baseline: {recipe['arch']}@{recipe['image_size']} {epochs} epochs ({epoch_s:.2f} s each)", flush=True)
+    assert np.isfinite(probs).all()
+
+
+# --- one cell ------------------------------------------------------------------------------
+
+def cell(name: str, seed: int, minutes: float, first: str) -> dict:
+    import numpy as np
+
+    from core.experiment import Experiment, aligned
+    from core.storage import read_parquet
+
+    spec = harness.DATASETS[name]
+    info = harness.dataset(name)
+    tag = f"{name}-s{seed}-{minutes:g}m"
+    work = os.path.join(OUT, "runs", tag)
+    os.makedirs(work, exist_ok=True)
+    budget = minutes * 60
+    out = {"dataset": name, "seed": seed, "budget_min": minutes, "task": spec["task"]}
+    tta = [] if spec["tta"] else ["--no-tta"]
+
+    def pipeline():
+        cmd = [sys.executable, "-m", "searchspace.run", spec["task"], "--data", info["folder"], "--archs", ARCHS,
+               "--image-sizes", SIZES, "--time-budget", f"{budget:g}", "--seed", str(seed), "--storage", work, "--name", "pipeline",
+               "--cache-dir", os.path.join(work, "cache-pipeline"), "--weights-dir", harness.weights(), *tta]
+        r = harness.run(cmd, os.path.join(work, "pipeline.log"), timeout=budget * 2 + 300)
+        res = dict(seconds=r["seconds"], rc=r["rc"], cmd=r["cmd"])
+        location = os.path.join(work, "pipeline")
+        if r["rc"] == 0 and Experiment(location).has_ensemble():
+            res.update(harness.score_experiment(location, info))
+            clock = Experiment(location).clock()
+            plan = Experiment(location).meta().get("final_plan") or {}
+            trials = Experiment(location).trials()
+            res.update(search_until_s=clock["state"].get("search_until_s"), final_stage_s=clock["state"].get(
+                "final_stage_s"), plan=plan, trials=len(trials), folds=Experiment(location).meta()["folds"],
+                completed=int(trials["completed"].sum()))
+        out["pipeline"] = res
+
+    def simplest():
+        target = os.path.join(work, "baseline.parquet")
+        cmd = [sys.executable, os.path.abspath(__file__), "baseline", "--task", spec["task"], "--data",
+               info["folder"], "--arch", ARCHS.split(",")[0], "--budget", f"{budget:g}", "--start",
+               f"{time.time():.3f}", "--work", work, "--cache-dir", os.path.join(work, "cache-baseline"),
+               "--weights-dir", harness.weights(), "--out", target, *tta]
+        r = harness.run(cmd, os.path.join(work, "baseline.log"), timeout=budget * 2 + 300)
+        res = dict(seconds=r["seconds"], rc=r["rc"], cmd=r["cmd"])
+        if r["rc"] == 0:
+            meta = json.load(open(target + ".json"))
+            table = read_parquet(target)
+            order = table.column("sample_id").to_pylist()
+            y = harness.labels(info, meta["classes"], order)
+            res.update(harness.scores(y, np.asarray(aligned(table, order), np.float64)), epochs=meta["epochs"],
+                       epoch_s=meta["epoch_s"], recipe=meta["recipe"])
+        out["baseline"] = res
+
+    for step in ((pipeline, simplest) if first == "pipeline" else (simplest, pipeline)):
+        step()
+    harness.save_json(os.path.join(OUT, f"{tag}.json"), out)
+    p, b = out["pipeline"], out["baseline"]
+    print(f"{tag}: pipeline {p.get('accuracy', float('nan')):.4f} in {p['seconds']:.0f} s, "
+          f"baseline {b.get('accuracy', float('nan')):.4f} in {b['seconds']:.0f} s", flush=True)
+    return out
+
+
+# --- the report ------------------------------------------------------------------------------
+
+def load_results() -> list[dict]:
+    return [json.load(open(p)) for p in sorted(glob.glob(os.path.join(OUT, "*.json")))]
+
+
+def table(rows: list[dict]) -> str:
+    from collections import defaultdict
+
+    cells = defaultdict(list)
+    for r in rows:
+        cells[(r["dataset"], r["budget_min"])].append(r)
+    lines = []
+    for (name, minutes), rs in sorted(cells.items()):
+        ok = [r for r in rs if "accuracy" in r["pipeline"] and "accuracy" in r["baseline"]]
+        if not ok:
+            continue
+        pa, ps = harness.mean_spread([r["pipeline"]["accuracy"] for r in ok])
+        ba, bs = harness.mean_spread([r["baseline"]["accuracy"] for r in ok])
+        diff, ds = harness.mean_spread([r["pipeline"]["accuracy"] - r["baseline"]["accuracy"] for r in ok])
+        pl = harness.mean_spread([r["pipeline"]["log_loss"] for r in ok])[0]
+        bl = harness.mean_spread([r["baseline"]["log_loss"] for r in ok])[0]
+        pt = harness.mean_spread([r["pipeline"]["seconds"] for r in ok])[0]
+        bt = harness.mean_spread([r["baseline"]["seconds"] for r in ok])[0]
+        plans = [r["pipeline"].get("plan") or {} for r in ok]
+        split = "; ".join(f"K={r['pipeline'].get('folds')}, {len(pl_.get('configs', []))}x{pl_.get('epochs')} ep "
+                          f"(searched {pl_.get('searched_epochs')}), {r['pipeline'].get('trials')} trials"
+                          for r, pl_ in zip(ok, plans))
+        beats = "yes" if diff > ds and diff > 0 else "no"
+        lines.append([name, f"{minutes:g}", len(ok), f"{pa:.4f} ± {ps:.4f}", f"{ba:.4f} ± {bs:.4f}",
+                      f"{diff:+.4f} ± {ds:.4f}", beats, f"{pl:.3f}", f"{bl:.3f}", f"{pt:.0f}", f"{bt:.0f}",
+                      ", ".join(str(r["baseline"].get("epochs")) for r in ok), split])
+    return harness.md_table(
+        ["dataset", "budget (min)", "seeds", "pipeline acc", "alternative acc", "difference", "beats by > spread",
+         "pipeline log loss", "alternative log loss", "pipeline s", "alternative s", "alternative epochs",
+         "pipeline: K, configs x epochs, trials (per seed)"], lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for who, colour in (("pipeline", "#2f7ed8"), ("baseline", "#f28e2b")):
+            budgets = sorted({r["budget_min"] for r in rows if r["dataset"] == name})
+            means, stds = [], []
+            for m in budgets:
+                accs = [r[who]["accuracy"] for r in rows if r["dataset"] == name and r["budget_min"] == m
+                        and "accuracy" in r[who]]
+                means.append(np.mean(accs) if accs else np.nan)
+                stds.append(np.std(accs, ddof=1) if len(accs) > 1 else 0.0)
+            label = "pipeline" if who == "pipeline" else "simplest alternative"
+            ax.errorbar(budgets, means, yerr=stds, marker="o", capsize=3, color=colour, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+        ax.set_title(name)
+        ax.set_xlabel("budget (minutes)")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "baseline":
+        ap = argparse.ArgumentParser(prog="time_budget.py baseline")
+        for flag in ("--task", "--data", "--arch", "--work", "--cache-dir", "--weights-dir", "--out"):
+            ap.add_argument(flag, required=True)
+        ap.add_argument("--budget", type=float, required=True)
+        ap.add_argument("--start", type=float, required=True, help="when the parent started the clock (epoch s)")
+        ap.add_argument("--no-tta", action="store_true")
+        return baseline(ap.parse_args(sys.argv[2:]))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", default="mnist,animals,photos")
+    ap.add_argument("--budgets", default="3,6,12,24", help="minutes")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--report-only", action="store_true")
+    a = ap.parse_args()
+    if not a.report_only:
+        k = 0
+        for seed in map(int, a.seeds.split(",")):
+            for minutes in map(float, a.budgets.split(",")):
+                for name in a.datasets.split(","):
+                    cell(name, seed, minutes, "pipeline" if k % 2 == 0 else "baseline")
+                    k += 1
+    rows = load_results()
+    figure = os.path.join(harness.REPO, "docs", "time-budget.png")
+    plot(rows, figure)
+    harness.report("time_budget", "Anytime performance: the pipeline against the simplest alternative at equal "
+                   "wall time", table(rows) + f"\n\n![accuracy against budget]({os.path.relpath(figure, harness.REPO)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -21,8 +21,9 @@ imported, so the ensemble builder can read an experiment without torch.
   candidates/<cid>/oof.parquet  sample_id, probs (out of fold or fold 0's holdout)
   candidates/<cid>/test.parquet sample_id, probs (mean over the candidate's fold models)
   candidates/<cid>/members.json config and the checkpoint of each fold model
-  candidates/<cid>/folds/<k>/   a cross-fit fold: model.pt, config.json, holdout.parquet,
-                                test.parquet, done.json (written last)
+  candidates/<cid>/folds/<k>/   a cross-fit fold: model.pt (a network) or model.npz (a classical
+                                member's arrays), config.json, holdout.parquet, test.parquet,
+                                done.json (written last)
   ensemble/ensemble.json        members, weights, scores (ensemble_builder select)
   ensemble/submission.csv
   <ray trial folders>           Ray Tune's own: the search's and crossfit-<date>/
@@ -45,6 +46,7 @@ STUDY_FILE = "optuna_journal.log"
 TRIALS_FILE = "trials.parquet"
 # Inside a checkpoint folder (Ray's, or a fold record).
 MODEL_FILE, CONFIG_FILE, HOLDOUT_FILE, TRAIN_STATE_FILE = "model.pt", "config.json", "holdout.parquet", "train_state.pt"
+MEMBER_FILE = "model.npz"   # a classical member's fold model: its arrays (trainer.classical), never a pickle
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,10 @@ class Checkpoint(Folder):
     def model(self) -> str:
         return self.file(MODEL_FILE)
 
+    @property
+    def member_model(self) -> str:
+        return self.file(MEMBER_FILE)
+
     def config(self) -> dict:
         return storage.read_json(self.file(CONFIG_FILE))
 
@@ -143,10 +149,10 @@ class Fold(Checkpoint):
         return storage.read_json(self.file("done.json"))
 
     def write(self, hold: pa.Table, test: pa.Table | None, record: dict,
-              model: bytes | None = None, config: dict | None = None) -> None:
+              model: bytes | None = None, config: dict | None = None, model_file: str = MODEL_FILE) -> None:
         """Everything but done.json first, so a reader never takes a half-written fold for a finished one."""
         if model is not None:
-            storage.write_bytes(self.model, model)
+            storage.write_bytes(self.file(model_file), model)
             storage.write_json(self.file(CONFIG_FILE), config)
         storage.write_parquet(self.file(HOLDOUT_FILE), hold)
         if test is not None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from core import storage
 from core.errors import BadInput
 from core.experiment import Experiment, TrialContext
-from searchspace import time_budget
+from searchspace import members, time_budget
 from searchspace.config import SearchConfig
 from searchspace.crossfit import crossfit, slots
 from searchspace.finish import final_stage
@@ -34,6 +34,7 @@ from searchspace.tasks import Task, get_task
 from searchspace.time_budget import UNLIMITED_TRIALS, Clock, Deadline, Measured, Split, at, clock_text
 from searchspace.tuner import build_tuner, finish_search, first_config
 from trainer.cache import default_cache_dir
+from trainer.classical import parse_kinds
 
 
 @dataclass(frozen=True)
@@ -95,16 +96,27 @@ def run_search(task_name: str, data: str | None, config: SearchConfig) -> tuple[
     print(f"experiment {p.experiment.location}: {trials}, {', '.join(p.archs)}; "
           f"ASHA max {b.max_epochs} epochs, grace {b.grace_period}, reduction {b.reduction_factor}", flush=True)
     clock.save(phase="search", search_until_s=split.search_until_s if split else None)
+    launched = members.launch(record_members(p), p.ctx, p.config.resources)   # beside the search
     start = time.time()
     deadline = Deadline(p.experiment.location, split.search_until_s) if split else None
     tuner = build_tuner(p.task, p.ctx, p.config, p.archs, p.cache_dir, deadline, forecast(p, clock, split))
     results = tuner.fit()
     ended = split is not None and clock.used() >= split.search_until_s - 1
+    members.gather(launched)
     if finish_search(p.experiment, results, p.task.metric, b.max_epochs, start, p.cache_dir, ended) is None:
         return 1, p.experiment
     code = final_stage(p.experiment, p.config, clock)
     tidy(p.experiment, opts.keep_checkpoints)
     return code, p.experiment
+
+
+def record_members(p: Prepared) -> list[dict]:
+    """The classical members this run fits (``--members``), kept in experiment.json for a resumed job."""
+    wanted = members.specs(parse_kinds(p.config.options.members), p.archs, p.ctx)
+    meta = p.experiment.meta()
+    meta["members"] = wanted
+    p.experiment.write_meta(meta)
+    return wanted
 
 
 def budget_split(p: Prepared, clock: Clock) -> tuple[Prepared, Split]:

@@ -45,6 +45,16 @@ def duration(text) -> float:
     return seconds
 
 
+def members(text) -> str:
+    """--members: comma-separated kinds among probe, knn, pixels, or none; BadInput otherwise."""
+    from trainer.classical import parse_kinds
+    try:
+        parse_kinds(text)
+    except ValueError as e:
+        raise BadInput(f"--members {text!r}: {e}; choose among probe, knn, pixels, or none") from None
+    return str(text)
+
+
 def option(default, help: str, *, minimum: float | None = None, strict: bool = False, choices=None,
            kind=None, flag: str | None = None, metavar: str | None = None):
     """A config field with what the command line and the checks need to know of it.
@@ -163,6 +173,12 @@ class Options(_Checked):
                                            "search is over, the weights of trials ASHA stopped, and the cross-fit "
                                            "jobs' own copies)")
     tta: bool = option(True, "predict the test set without horizontal-flip TTA")
+    members: str | None = option(None, "classical ensemble members fitted on the same folds: comma-separated among "
+                                       "probe (logistic regression on a pretrained backbone's frozen features), knn "
+                                       "(nearest neighbours on them), pixels (a kernel model on HOG and a colour "
+                                       "thumbnail), or none (default: those available: probe and knn for every "
+                                       "architecture with pretrained weights, and pixels)", kind=members,
+                                 metavar="KINDS")
 
 
 PARTS = {"budget": Budget, "resources": Resources, "options": Options}
@@ -188,8 +204,11 @@ class SearchConfig:
             raise TypeError(f"unknown option(s) {', '.join(unknown)}; the options are {', '.join(sorted(owner))}")
         for key, value in kwargs.items():
             parts[owner[key]][key] = value
-        if parts["budget"].get("time_budget") is not None:
-            parts["budget"]["time_budget"] = duration(parts["budget"]["time_budget"])
+        for part in PARTS.values():   # values the command line would parse (a duration, a list of kinds)
+            for f in fields(part):
+                kind, values = f.metadata.get("kind"), parts[owner[f.name]]
+                if kind not in (int, float, str, bool) and values.get(f.name) is not None:
+                    values[f.name] = kind(values[f.name])
         return cls(**{name: PARTS[name](**values).check() for name, values in parts.items()})
 
     @classmethod

@@ -241,7 +241,9 @@ def crossfit(experiment: Experiment, res: Resources, top: int | None = None, tta
         print(f"  {row.crossfit_rank}. {row.trial_id}: {row.crossfit_reason}")
     print(f"cross-fit: {len(cids)} config(s) x {folds} folds; {len(jobs)} fold job(s) to run "
           f"({len(cids) * folds - len(jobs)} already done)", flush=True)
-    deadline = Deadline(experiment.location, until_s) if budgeted else None
+    first = [experiment.candidate(cids[0]).fold(k) for k in range(folds)] if cids else []
+    deadline = Deadline(experiment.location, until_s, unless=lambda: not all(f.done() for f in first)) \
+        if budgeted else None
     if jobs:
         start = time.time()
         results = build_crossfit_tuner(ctx, jobs, res, deadline).fit()
@@ -261,6 +263,9 @@ def crossfit(experiment: Experiment, res: Resources, top: int | None = None, tta
         print(f"  {cid}: out-of-fold {meta['metric']} {score:.4f} over {len(y)} images")
     print(f"cross-fit: {len(complete)}/{len(cids)} config(s) complete in {experiment.candidates_dir}")
     missing = [c for c in cids if c not in complete]
+    if deadline is not None and deadline.overrun:
+        print(f"the final stage ran past its share of the time budget until its first config ({cids[0]}) was "
+              "complete, so that the job ends with a submission", flush=True)
     if missing and deadline is not None and deadline.reached:
         unfinished = sum(not experiment.candidate(c).fold(k).done() for c in missing for k in range(folds))
         print(f"the time budget ended the final stage: skipped {', '.join(missing)} ({unfinished} fold job(s) "

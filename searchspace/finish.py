@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 from core.errors import BadInput
-from core.experiment import Experiment
-from searchspace import time_budget
+from core.experiment import Experiment, TrialContext
+from searchspace import members, time_budget
 from searchspace.config import SearchConfig
 from searchspace.crossfit import crossfit
+from searchspace.ray_start import start_ray
 from searchspace.time_budget import Clock, clock_text
 
 
 def final_stage(experiment: Experiment, config: SearchConfig, clock: Clock) -> int:
     """The cross-fit; under a time budget, within what is left of it, and then the selection."""
     b, opts, res = config.budget, config.options, config.resources
+    fit_missing_members(experiment, res)
     if clock.budget_s is None:
         return crossfit(experiment, res, b.crossfit_top, opts.tta, opts.crossfit_by)
     until = clock.budget_s - time_budget.reserve(clock.budget_s)
@@ -43,3 +45,13 @@ def select_within_budget(experiment: Experiment) -> int:
     print(f"wrote {experiment.ensemble_file()}" + (f" and {record['submission']}" if record.get("submission")
                                                     else " (no test set: no submission)"), flush=True)
     return 0
+
+
+def fit_missing_members(experiment: Experiment, res) -> None:
+    """The classical members the run asked for that are not there yet (a job resumed after a kill)."""
+    wanted = members.missing(experiment, experiment.meta().get("members", []))
+    if wanted:
+        start_ray()
+        meta = experiment.meta()
+        ctx = TrialContext.from_dict({**meta["context"], "experiment": experiment.location})
+        members.gather(members.launch(wanted, ctx, res))

@@ -37,6 +37,7 @@ LENGTH_CAP = 3         # the length the final stage aims at, in times the search
 LENGTH_MAX = 6         # ... and what it stretches to when the time left holds no further config
 SHORTER_FOR_BREADTH = 2 / 3   # another config joins if every config still gets this share of the first's length
 STAGE_START_S = 8.0    # starting the final stage's Tune run and its first actors
+PLAN_SLACK = 0.9       # the final stage plans on this share of its time: estimates err, the deadline does not
 RESERVE_MIN_S = 20.0   # kept for starting the final stage, assembling the candidates and the selection ...
 RESERVE_SHARE = 0.03   # ... or this share of the budget, if more
 UNLIMITED_TRIALS = 100_000   # --trials under a time budget when none is given: the deadline ends the search
@@ -112,9 +113,13 @@ class Deadline(Stopper):
     killed session left off. A trial it stops keeps its last checkpoint.
     """
 
-    def __init__(self, location: str, until_s: float):
-        self.location, self.until_s = location, until_s
+    def __init__(self, location: str, until_s: float, unless=None):
+        """``unless()``: while it returns True the deadline waits (the final stage's first config is not
+        complete yet: a job that ran over its budget still ends with a submission). Checked every few seconds."""
+        self.location, self.until_s, self.unless = location, until_s, unless
         self.reached = False
+        self.overrun = False
+        self._checked, self._waiting = 0.0, False
 
     def __call__(self, trial_id, result) -> bool:
         return False
@@ -125,8 +130,16 @@ class Deadline(Stopper):
             return False
         if time.time() - clock.saved >= SAVE_EVERY_S:
             clock.save()
-        self.reached = self.reached or clock.used() >= self.until_s
-        return self.reached
+        if self.reached or clock.used() < self.until_s:
+            return self.reached
+        if self.unless is not None:
+            if time.time() - self._checked >= 2.0:
+                self._checked, self._waiting = time.time(), bool(self.unless())
+            if self._waiting:
+                self.overrun = True
+                return False
+        self.reached = True
+        return True
 
 
 # --- the split, before the search ------------------------------------------------------
@@ -253,7 +266,7 @@ def plan_final(costs: dict[str, Cost], available_s: float, folds: int, slots: in
     """
     ids = list(costs)
     cap = LENGTH_CAP * searched_epochs
-    total_s, available_s = available_s, available_s - STAGE_START_S
+    total_s, available_s = available_s, PLAN_SLACK * available_s - STAGE_START_S
 
     def longest(m: int, cap: int = cap) -> int:
         """The most epochs (<= cap) at which the first m configs fit, 0 if not even one does."""

@@ -67,12 +67,12 @@ def node_cache_dir(ctx: TrialContext) -> str:
     return os.environ.get("SEARCHSPACE_CACHE_DIR") or ctx.cache_dir
 
 
-def weights_file(location: str | None, ctx: TrialContext) -> str | None:
-    """A resolved weights location as a local file: a bucket copy is fetched once into the node cache."""
+def weights_file(location: str | None, cache_dir: str) -> str | None:
+    """A resolved weights location as a local file: a bucket copy is fetched once into the (node) cache."""
     if location is None or not storage.is_uri(location):
         return location
     suffix = os.path.splitext(location.partition("?")[0])[1]
-    local = os.path.join(node_cache_dir(ctx), "weights", hashlib.sha1(location.encode()).hexdigest()[:16] + suffix)
+    local = os.path.join(cache_dir, "weights", hashlib.sha1(location.encode()).hexdigest()[:16] + suffix)
     if not os.path.exists(local):
         storage.write_bytes(local, storage.read_bytes(location))
     return local
@@ -130,7 +130,7 @@ class Run:
         if r.pretrained and weights is None:
             raise RuntimeError(f"{r.arch}: the config asks for pretrained weights but none were resolved")
         model = create(r.arch, self.num_classes, r.image_size,
-                       weights=weights_file(weights, ctx) if r.pretrained else None,
+                       weights=weights_file(weights, node_cache_dir(ctx)) if r.pretrained else None,
                        freeze_fraction=r.freeze_fraction if r.pretrained else 0.0).to(device)
         self.model = model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
         self.mean, self.std = norm_stats(model, device)

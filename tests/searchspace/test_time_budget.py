@@ -71,34 +71,39 @@ def tb_seconds(text: str) -> float:
     return duration(text)
 
 
+def room(seconds: float) -> float:
+    """The time to give the final stage so that ``seconds`` remain for its jobs after the start and the slack."""
+    return (seconds + tb.STAGE_START_S) / tb.PLAN_SLACK + 1e-6
+
+
 def costs(n: int, epoch_s: float = 1.0, job_s: float = 0.0) -> dict:
     return {f"c{i}": tb.Cost(epoch_s, job_s) for i in range(n)}
 
 
 def test_the_final_stage_trains_one_config_longer_before_it_trains_more():
     # 2 folds on 2 slots: a config's epochs cost 1 s of wall time each
-    plan = tb.plan_final(costs(3), 20 + tb.STAGE_START_S, folds=2, slots=2, searched_epochs=10)
+    plan = tb.plan_final(costs(3), room(20), folds=2, slots=2, searched_epochs=10)
     assert (plan.configs, plan.epochs) == (["c0"], 20)          # below the cap: all on length
-    plan = tb.plan_final(costs(3), 35 + tb.STAGE_START_S, folds=2, slots=2, searched_epochs=10)
+    plan = tb.plan_final(costs(3), room(35), folds=2, slots=2, searched_epochs=10)
     # past the cap (3 x 10): two would get 17 < 2/3 x 30, so one config, stretched over the time left
     assert (plan.configs, plan.epochs) == (["c0"], 35)
-    plan = tb.plan_final(costs(3), 60 + tb.STAGE_START_S, folds=2, slots=2, searched_epochs=10)
+    plan = tb.plan_final(costs(3), room(60), folds=2, slots=2, searched_epochs=10)
     assert (plan.configs, plan.epochs) == (["c0", "c1", "c2"], 20)   # three keep 2/3 of the cap
-    plan = tb.plan_final(costs(3), 1000, folds=2, slots=2, searched_epochs=10)
+    plan = tb.plan_final(costs(3), room(1000), folds=2, slots=2, searched_epochs=10)
     assert (plan.configs, plan.epochs) == (["c0", "c1", "c2"], 60)   # never more than 6 x the searched length
-    assert plan.seconds <= 1000
+    assert plan.seconds <= room(1000)
 
 
 def test_another_config_joins_when_every_config_keeps_two_thirds_of_the_length():
     # the cap is 30 epochs: two configs at 20 (2/3 of it) fit in 40 s, one config alone gets 30
-    plan = tb.plan_final(costs(2), 40 + tb.STAGE_START_S, folds=2, slots=2, searched_epochs=10)
+    plan = tb.plan_final(costs(2), room(40), folds=2, slots=2, searched_epochs=10)
     assert (plan.configs, plan.epochs) == (["c0", "c1"], 20)
-    plan = tb.plan_final(costs(2), 39 + tb.STAGE_START_S, folds=2, slots=2, searched_epochs=10)
+    plan = tb.plan_final(costs(2), room(39), folds=2, slots=2, searched_epochs=10)
     assert (plan.configs, plan.epochs) == (["c0"], 39)
 
 
 def test_a_given_number_of_configs_gets_the_length_that_fits_them():
-    plan = tb.plan_final(costs(3, job_s=5), 65 + tb.STAGE_START_S, folds=2, slots=2, searched_epochs=10, top=3)
+    plan = tb.plan_final(costs(3, job_s=5), room(65), folds=2, slots=2, searched_epochs=10, top=3)
     assert plan.configs == ["c0", "c1", "c2"] and plan.epochs == 16   # 3 rounds of (5 + 16) on 2 slots
 
 
@@ -116,6 +121,17 @@ def test_the_clock_counts_on_from_what_an_earlier_session_used(tmp_path):
     assert later.budget_s == 600 and later.state["search_until_s"] == 300
     assert later.used() == pytest.approx(100, abs=1) and later.left() == pytest.approx(500, abs=1)
     assert tb.Clock.of(exp.location) is later
+
+
+def test_a_deadline_waits_for_what_must_finish(tmp_path):
+    location = str(tmp_path / "exp")
+    tb.Clock.start(location, 100, started=time.time() - 50)
+    first_config_done = []
+    deadline = tb.Deadline(location, 40, unless=lambda: not first_config_done)
+    assert not deadline.stop_all() and deadline.overrun    # past its second, but nothing is complete yet
+    first_config_done.append(True)
+    deadline._checked = 0                                  # (it looks again every 2 s)
+    assert deadline.stop_all() and deadline.reached
 
 
 def test_a_deadline_stops_at_its_second_of_the_job_clock(tmp_path):

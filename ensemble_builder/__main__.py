@@ -45,16 +45,21 @@ def select(args) -> int:
     print(f"\ncross-validated {metric} ({sel.how}: the selection, its choice of setting included, re-run "
           f"without each, scored on the held-out images, pooled over all {len(c.y)}; ± std over folds):")
     label = {"ensemble": f"ensemble ({'= best single' if cv.fallback_ else chosen['name']})",
-             "best_single": "best single", f"uniform_top{top}": f"uniform top {top}"}
+             "best_single": "best single", f"uniform_top{top}": f"uniform top {top}",
+             "nested_blend": "the selection, nested (not shipped)"}
     print(score_table({label[k]: v["scores"] for k, v in est.items()}, metric,
                       {label[k]: v["std"] for k, v in est.items()}))
     gains = np.array(cv.gain_folds_)
     better = "" if greater else " (a reduction: lower is better)"
     gain_std = gains.std(ddof=1) if len(gains) > 1 else 0.0
-    print(f"CV gain over the best single candidate: {cv.gain_:+.4f} {metric}{better} (per fold "
+    whose = "of the selection " if "nested_blend" in est else ""
+    print(f"CV gain {whose}over the best single candidate: {cv.gain_:+.4f} {metric}{better} (per fold "
           f"{gains.mean():+.4f} ± {gain_std:.4f}; better in {int((gains > 0).sum())} of {len(gains)} folds)")
     tried = ", ".join(f"{s['name']} {s['scores'][metric]:.4f}" for s in cv.settings_)
-    if cv.fallback_:
+    if cv.shipped_single_:
+        print(f"shipped the best single candidate ({sel.best_single}): the blend the selection chose has a nested "
+              f"CV gain of {cv.gain_:+.4f}, not positive (CV {metric}: {tried})")
+    elif cv.fallback_:
         print(f"fell back to the best single candidate ({sel.best_single}): no blend beat it under "
               f"cross-validation (CV {metric}: {tried})")
     elif not auto:
@@ -67,9 +72,12 @@ def select(args) -> int:
               + ", ".join(f"fold {f}: {name}" for f, name in cv.nested_choices_.items()))
 
     single = {cid: METRICS[metric].fn(c.y, c.P[i]) for i, cid in enumerate(c.ids)}
-    table = pd.DataFrame([{"candidate": cid, "weight": w, "arch": c.configs[cid].get("arch"),
-                           "image_size": c.configs[cid].get("image_size"), metric: single[cid]}
-                          for cid, w in sel.members])
+    table = pd.DataFrame([{"candidate": cid, "kind": c.configs[cid].get("kind", "network"), "weight": w,
+                           "arch": c.configs[cid].get("arch"), "image_size": c.configs[cid].get("image_size"),
+                           metric: single[cid]} for cid, w in sel.members])
+    if sel.stacking is not None:
+        print("\nstacking: a logistic regression on these candidates' log-probabilities; weight = each one's share "
+              "of its coefficients")
     print("\nmembers:\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\nin-sample out-of-fold scores, optimistic: the weights were chosen on these same {len(c.y)} images")
     print(score_table({label[k]: v for k, v in sel.scores.items()}, metric))

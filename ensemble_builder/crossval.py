@@ -30,6 +30,7 @@ from sklearn.model_selection import KFold, StratifiedKFold
 
 from core.metrics import METRICS, mean_nll
 from ensemble_builder.greedy import EnsembleSelection, prepare
+from ensemble_builder.stacking import Stacker, Weighted
 
 STEPS_GRID = (5, 10, 25, 50)   # greedy step counts tried when the user gives none
 RANDOM_SPLITS = 5              # folds drawn when the candidates cover the holdout fold only
@@ -118,32 +119,56 @@ def spread(y: np.ndarray, pooled: np.ndarray, folds: np.ndarray, metric: str, na
                 std=float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else 0.0)
 
 
+STACKING_C = (0.1, 1.0)   # the stacker's regularisation strengths tried as settings
+# The simpler setting wins a tie, in this order.
+SIMPLICITY = {"single": 0, "uniform": 1, "greedy": 2, "bagged": 3, "stacking": 4}
+
+
+def apply(P: np.ndarray, blender, samples: np.ndarray) -> np.ndarray:
+    """A fitted blender's probabilities on some samples."""
+    if isinstance(blender, Weighted):
+        return blend(P, blender.weights_, samples)
+    return blender.predict_proba(P[:, samples])
+
+
 class SelectionCV:
-    """Cross-validated greedy ensemble selection, scikit-learn style.
+    """Cross-validated ensemble selection, scikit-learn style: the blend and its setting chosen by a
+    cross-validation, and an honest (nested) estimate of what that procedure gives.
 
-    ``steps`` are the greedy step counts tried, each with ``bags``; unbagged
-    ones all come from one run per fold (see ``prefix_weights``). With
-    ``fallback``, the best single candidate is a setting too, the simplest.
-    The setting with the best pooled cross-validated ``metric`` wins; ties go
-    to the lower pooled log loss, then to the simpler setting (the single
-    candidate, then unbagged before bagged, then fewer steps). ``n_init``,
-    ``max_members`` and ``random_state`` go to every ``EnsembleSelection`` as
-    given; ``top`` is K of the uniform top-K mean reported beside the others.
+    The settings tried, simplest first: with ``fallback``, the best single
+    candidate; with ``uniform``, the uniform mean of the top ``top`` (ranked on
+    the training samples); greedy selection at each of ``steps``, each also
+    with ``bags`` when given (unbagged ones all come from one run per fold, see
+    ``prefix_weights``); and, for each C of ``stacking``, a logistic regression
+    on the top candidates' log-probabilities (``stacking.Stacker``). The
+    setting with the best pooled cross-validated ``metric`` wins; ties go to
+    the lower pooled log loss, then to the simpler setting (``SIMPLICITY``,
+    then fewer steps). ``n_init``, ``max_members`` and ``random_state`` go to
+    every ``EnsembleSelection`` as given.
 
-    Fitted: ``settings_`` (dicts: steps, bags, name, pooled ``scores``, per-fold
-    ``folds``, their ``mean`` and ``std``), ``chosen_`` (its index there),
-    ``fallback_`` (the single candidate won over every blend), ``estimate_``
-    (predictor -> the same dict for ``ensemble`` (the whole procedure, nested:
-    each fold blended by the setting chosen without it), ``best_single`` and
-    ``uniform_top{K}``), ``nested_choices_`` (fold -> the setting chosen
-    without it; empty when not nested), ``gain_`` and ``gain_folds_``
-    (ensemble over best single in ``metric``, positive when better), and
-    ``selector_``: the chosen setting refitted on every sample.
+    The ensemble ships only if the nested estimate beats the best single
+    candidate: when its gain is not positive (and ``fallback``), the best
+    single candidate is refitted and shipped instead (``shipped_single_``:
+    the rule overrode the setting the cross-validation chose).
+
+    Fitted: ``settings_`` (dicts: kind, steps, bags, C, name, pooled
+    ``scores``, per-fold ``folds``, their ``mean`` and ``std``), ``chosen_``
+    (the setting shipped: its index there), ``fallback_`` (the single
+    candidate is shipped), ``estimate_`` (predictor -> the same dict for
+    ``ensemble`` (what ships: the whole procedure, nested, each fold blended
+    by the setting chosen without it; or the best single when that ships),
+    ``best_single`` and ``uniform_top{K}``; and ``nested_blend``, the
+    procedure's nested estimate, when the single candidate ships but some
+    outer folds chose a blend), ``nested_choices_`` (fold -> the
+    setting chosen without it; empty when not nested), ``gain_`` and
+    ``gain_folds_`` (ensemble over best single in ``metric``, positive when
+    better; of the procedure, also when it did not ship), and ``selector_``:
+    the shipped setting refitted on every sample.
     """
 
     def __init__(self, metric: str = "accuracy", steps=STEPS_GRID, bags: int = 0, n_init: int = 1,
                  max_members: int | None = None, top: int = 5, fallback: bool = True,
-                 random_state: int | None = 0):
+                 random_state: int | None = 0, uniform: bool = True, stacking=STACKING_C):
         self.metric = metric
         self.steps = steps
         self.bags = bags
@@ -152,48 +177,66 @@ class SelectionCV:
         self.top = top
         self.fallback = fallback
         self.random_state = random_state
+        self.uniform = uniform
+        self.stacking = stacking
 
     def _selector(self, steps: int, bags: int) -> EnsembleSelection:
         return EnsembleSelection(ensemble_size=steps, metric=self.metric, n_init=min(self.n_init, steps),
                                  max_members=self.max_members, bags=bags, random_state=self.random_state)
 
-    def _settings(self) -> list[dict]:
-        """The settings tried, simplest first; one step unbagged is the best single candidate.
+    def _settings(self, m: int) -> list[dict]:
+        """The settings tried, simplest first; one greedy step unbagged is the best single candidate.
 
         With ``bags``, each step count is tried bagged and (when choosing, with
         ``fallback``) unbagged too, so the estimate turns bagging on or off.
+        Uniform and stacking need two candidates or more.
         """
         steps = sorted(set(self.steps))
         plain = [(s, 0) for s in steps] if self.fallback or not self.bags else []
         pairs = ([(1, 0)] if self.fallback else []) + plain + [(s, self.bags) for s in steps if self.bags]
-        return [dict(steps=s, bags=b, name="best single" if (s, b) == (1, 0) else
-                     f"{s} step{'s' * (s > 1)}" + (f", {b} bags" if b else ""))
-                for s, b in dict.fromkeys(pairs)]
+        out = [dict(kind="single" if (s, b) == (1, 0) else "bagged" if b else "greedy", steps=s, bags=b, C=None,
+                    name="best single" if (s, b) == (1, 0) else
+                    f"{s} step{'s' * (s > 1)}" + (f", {b} bags" if b else ""))
+               for s, b in dict.fromkeys(pairs)]
+        if m > 1 and self.uniform:
+            out.insert(1 if self.fallback else 0, dict(kind="uniform", steps=None, bags=0, C=None,
+                                                       name=f"uniform top {min(self.top, m)}"))
+        if m > 1:
+            out += [dict(kind="stacking", steps=None, bags=0, C=c, name=f"stacking C={c:g}") for c in self.stacking]
+        return out
 
-    def _fold_weights(self, scorer, settings: list[dict]) -> list[np.ndarray]:
-        """Each setting's weights, selected on the samples of ``scorer`` (``selection.prepare``)."""
-        unbagged = [s["steps"] for s in settings if not s["bags"]]
-        run = self._selector(max(unbagged), 0).fit_prepared(scorer) if unbagged else None
-        # A bag cuts back to its own best step, which the long run does not record: one fit each.
-        return [prefix_weights(run, s["steps"]) if not s["bags"] else
-                self._selector(s["steps"], s["bags"]).fit_prepared(scorer).weights_ for s in settings]
+    def _blenders(self, P: np.ndarray, y: np.ndarray, scorer, samples: np.ndarray, settings: list[dict],
+                  order: np.ndarray, top: int) -> list:
+        """Each setting fitted on ``samples`` alone (``scorer``: ``selection.prepare`` of them; ``order``:
+        the candidates ranked on them)."""
+        greedy = [s["steps"] for s in settings if s["kind"] in ("single", "greedy")]
+        run = self._selector(max(greedy), 0).fit_prepared(scorer) if greedy else None
+        out = []
+        for s in settings:
+            if s["kind"] in ("single", "greedy"):
+                out.append(Weighted(prefix_weights(run, s["steps"])))
+            elif s["kind"] == "bagged":   # a bag cuts back to its own best step, which the long run does not record
+                out.append(Weighted(self._selector(s["steps"], s["bags"]).fit_prepared(scorer).weights_))
+            elif s["kind"] == "uniform":
+                out.append(Weighted(np.isin(np.arange(len(P)), order[:top]) / top))
+            else:
+                out.append(Stacker(s["C"], random_state=self.random_state or 0).fit(P[:, samples], y[samples], order))
+        return out
 
-    def _fold(self, scorer, train: np.ndarray, settings: list[dict], rank: Callable,
-              top: int) -> list[np.ndarray]:
-        """Every predictor's weights, chosen on the training samples only: the settings, best single, top K."""
+    def _fold(self, P, y, scorer, train: np.ndarray, settings: list[dict], rank: Callable, top: int) -> list:
+        """Every predictor, chosen on the training samples only: the settings, best single, top K."""
         order = rank(train)
         m = len(order)
-        best_single = np.eye(m)[order[0]]
-        top_k = np.isin(np.arange(m), order[:top]) / top
-        return self._fold_weights(scorer.subset(train), settings) + [best_single, top_k]
+        reports = [Weighted(np.eye(m)[order[0]]), Weighted(np.isin(np.arange(m), order[:top]) / top)]
+        return self._blenders(P, y, scorer.subset(train), train, settings, order, top) + reports
 
     def _choose(self, settings: list[dict], scores: list[dict]) -> int:
         """The best setting by ``metric``; ties go to the lower log loss, then the simpler setting."""
         sign = METRICS[self.metric].sign
         return min(range(len(settings)), key=lambda i: (-sign * scores[i][self.metric], scores[i]["log_loss"],
-                                                         settings[i]["bags"] > 0, settings[i]["steps"]))
+                                                         SIMPLICITY[settings[i]["kind"]], settings[i]["steps"] or 0))
 
-    def _inner(self, P: np.ndarray, y: np.ndarray, folds: np.ndarray, settings: list[dict], scorer):
+    def _inner(self, P: np.ndarray, y: np.ndarray, folds: np.ndarray, settings: list[dict], scorer, rank, top):
         """(fold f, each setting's blends of every other fold, selected without f and that fold), per f.
 
         The selection without folds j and k blends j for outer fold k and k
@@ -204,11 +247,11 @@ class SelectionCV:
         for a, j in enumerate(uniq):
             for k in uniq[a + 1:]:
                 train = np.flatnonzero((folds != j) & (folds != k))
-                weights = self._fold_weights(scorer.subset(train), settings)
+                blenders = self._blenders(P, y, scorer.subset(train), train, settings, rank(train), top)
                 for f, other in ((k, j), (j, k)):
                     held = np.flatnonzero(folds == other)
-                    for i, w in enumerate(weights):
-                        inner[f][i, held] = blend(P, w, held)
+                    for i, b in enumerate(blenders):
+                        inner[f][i, held] = apply(P, b, held)
         return inner.items()
 
     def fit(self, P: np.ndarray, y: np.ndarray, folds: np.ndarray) -> SelectionCV:
@@ -216,7 +259,7 @@ class SelectionCV:
         P, y, folds = np.asarray(P), np.asarray(y), np.asarray(folds)
         if folds.shape != y.shape or len(np.unique(folds)) < 2:
             raise ValueError("need one fold per sample and at least two folds")
-        settings = self._settings()
+        settings = self._settings(len(P))
         if not settings:
             raise ValueError("no setting to try: give steps, or fallback=True")
         top = min(self.top, len(P))
@@ -225,23 +268,21 @@ class SelectionCV:
         scorer = prepare(P, y, self.metric)   # the selections on subsets gather from its set-up
         for f in np.unique(folds):
             held = np.flatnonzero(folds == f)
-            for i, w in enumerate(self._fold(scorer, np.flatnonzero(folds != f), settings, rank, top)):
-                pooled[i, held] = blend(P, w, held)
+            for i, b in enumerate(self._fold(P, y, scorer, np.flatnonzero(folds != f), settings, rank, top)):
+                pooled[i, held] = apply(P, b, held)
 
         pair = (self.metric, "log_loss")
         for i, s in enumerate(settings):
             s.update(spread(y, pooled[i], folds, self.metric, dict.fromkeys(pair)))
         self.chosen_ = self._choose(settings, [s["scores"] for s in settings])
         self.settings_ = settings
-        chosen = settings[self.chosen_]
-        self.fallback_ = self.fallback and (chosen["steps"], chosen["bags"]) == (1, 0) and len(settings) > 1
 
         # The ensemble's estimate: each fold blended by the setting chosen without it (nested).
         ensemble = pooled[self.chosen_]
         self.nested_choices_ = {}
         if len(settings) > 1 and len(np.unique(folds)) > 2:
             ensemble = np.empty_like(ensemble)
-            for f, inner in self._inner(P, y, folds, settings, scorer):
+            for f, inner in self._inner(P, y, folds, settings, scorer, rank, top):
                 rest, held = folds != f, folds == f
                 c = self._choose(settings, [metric_scores(y[rest], b[rest], pair) for b in inner])
                 ensemble[held] = pooled[c, held]
@@ -254,6 +295,22 @@ class SelectionCV:
         ens, single = self.estimate_["ensemble"], self.estimate_["best_single"]
         self.gain_ = sign * (ens["scores"][self.metric] - single["scores"][self.metric])
         self.gain_folds_ = [sign * (a - b) for a, b in zip(ens["folds"], single["folds"], strict=True)]
+        # Ship a blend only if the procedure's honest estimate beats the best single candidate. When the
+        # single ships, its own estimate is the ensemble's; the procedure's stays beside it when it differs
+        # (some outer folds chose a blend).
+        single_ships = self.fallback and settings[0]["kind"] == "single" and (
+            settings[self.chosen_]["kind"] == "single" or self.gain_ <= 0)
+        self.shipped_single_ = single_ships and settings[self.chosen_]["kind"] != "single"
+        if single_ships:
+            if self.estimate_["ensemble"] != self.estimate_["best_single"]:
+                self.estimate_["nested_blend"] = self.estimate_["ensemble"]
+            self.estimate_["ensemble"] = self.estimate_["best_single"]
+            self.chosen_ = 0
+        self.fallback_ = self.fallback and settings[self.chosen_]["kind"] == "single" and len(settings) > 1
         self.folds_ = folds
-        self.selector_ = self._selector(chosen["steps"], chosen["bags"]).fit_prepared(scorer)
+        shipped, every = settings[self.chosen_], np.arange(len(y))
+        if shipped["kind"] in ("single", "greedy", "bagged"):   # the selector itself: its trajectory is reported
+            self.selector_ = self._selector(shipped["steps"], shipped["bags"]).fit_prepared(scorer)
+        else:
+            self.selector_ = self._blenders(P, y, scorer, every, [shipped], rank(every), top)[0]
         return self

@@ -20,7 +20,8 @@ from core import storage
 from core.errors import BadInput
 from core.experiment import DEFAULT_RUNS, Experiment
 from ensemble_builder import candidates as cands
-from ensemble_builder.crossval import STEPS_GRID, SelectionCV, metric_scores, random_folds, rank_candidates
+from ensemble_builder.crossval import STACKING_C, STEPS_GRID, SelectionCV, metric_scores, random_folds, rank_candidates
+from ensemble_builder.stacking import Stacker, stacked_proba
 
 DEFAULT_STEPS = 50   # with auto=False and no steps
 
@@ -67,15 +68,30 @@ class Selection:
         """The ensemble's in-sample out-of-fold probabilities."""
         return self.selector.predict_proba(self.candidates.P)
 
-    def submission(self) -> pd.DataFrame | None:
+    @property
+    def stacking(self) -> dict | None:
+        """The stacker as ensemble.json keeps it, when stacking ships."""
+        return self.selector.record(self.candidates.ids) if isinstance(self.selector, Stacker) else None
+
+    def test_probs(self) -> tuple[list[str], np.ndarray] | None:
+        """(test ids, the ensemble's test probabilities), when every member has test predictions."""
         if self.test is None:
             return None
-        meta, names = self.candidates.meta, self.candidates.meta["class_names"]
         test_ids, T = self.test
+        if self.stacking is not None:
+            by_id = {cid: T[i] for i, (cid, _) in enumerate(self.members)}
+            return test_ids, stacked_proba(self.stacking, by_id)
         weights = np.array([w for _, w in self.members], np.float32)
-        labels = np.tensordot(weights, T, axes=1).argmax(1)
+        return test_ids, np.tensordot(weights, T, axes=1)
+
+    def submission(self) -> pd.DataFrame | None:
+        probs = self.test_probs()
+        if probs is None:
+            return None
+        meta, names = self.candidates.meta, self.candidates.meta["class_names"]
+        test_ids, P = probs
         return pd.DataFrame({meta.get("id_column", "image_id"): test_ids,
-                             meta.get("label_column", "label"): [names[i] for i in labels]})
+                             meta.get("label_column", "label"): [names[i] for i in P.argmax(1)]})
 
     def record(self, auto: bool) -> dict:
         """ensemble.json."""
@@ -84,10 +100,12 @@ class Selection:
                     members=[dict(candidate=cid, weight=w) for cid, w in self.members],
                     scores=self.scores, trajectory=sel.trajectory_, best_step=sel.best_step_,
                     picks=[c.ids[i] for i in sel.indices_], candidates=c.ids, top=self.top, steps=chosen["steps"],
-                    bags=chosen["bags"], best_single=self.best_single,
+                    bags=chosen["bags"], best_single=self.best_single, stacking=self.stacking,
+                    kinds={cid: c.configs[cid].get("kind", "network") for cid in c.ids},
                     cv=dict(splits=self.splits, fold_sizes=np.unique(self.folds, return_counts=True)[1].tolist(),
                             estimate=self.estimate, gain=self.cv_gain, gain_folds=self.cv.gain_folds_,
-                            chosen={k: chosen[k] for k in ("name", "steps", "bags")}, settings=self.cv.settings_,
+                            chosen={k: chosen[k] for k in ("name", "kind", "steps", "bags", "C")},
+                            settings=self.cv.settings_, shipped_single=self.cv.shipped_single_,
                             nested_choices={str(f): name for f, name in self.cv.nested_choices_.items()},
                             fallback=self.cv.fallback_, auto=auto, seconds=self.cv_seconds))
 
@@ -130,7 +148,8 @@ def fit(experiment: str | None = None, top: int = 5, metric: str | None = None, 
         raise BadInput(f"{experiment}: predictions for only one training image; nothing to select on")
     t0 = time.perf_counter()
     cv = SelectionCV(metric, steps=grid, bags=bags, n_init=n_init, max_members=top, top=top,
-                     fallback=auto, random_state=seed).fit(c.P, c.y, folds)
+                     fallback=auto, random_state=seed, uniform=auto,
+                     stacking=STACKING_C if auto else ()).fit(c.P, c.y, folds)
     cv_seconds = time.perf_counter() - t0
 
     ranked = rank_candidates(c.P, c.y, metric)

@@ -11,6 +11,7 @@ import pandas as pd
 from core import storage
 from core.errors import BadInput
 from core.experiment import CONFIG_FILE, MEMBER_FILE, MODEL_FILE, Checkpoint, Experiment
+from ensemble_builder.stacking import stacked_proba
 from trainer.cache import cached_images, default_cache_dir, fingerprint
 from trainer.classical import KINDS, features_of, from_bytes
 from trainer.classical import predict as classical_predict
@@ -45,9 +46,12 @@ def predict(experiment: str, images: str, tta: bool = True, cache_dir: str | Non
     names = meta["class_names"]
     tta = meta.get("context", {}).get("tta", True) and tta   # the task's choice, e.g. none for digits
     probs = {cid: member_probs(exp, cid, paths, key, cache_dir, tta) for cid, _ in members}
-    blend = np.zeros((len(paths), len(names)), np.float32)
-    for cid, weight in members:
-        blend += weight * probs[cid]
+    if record.get("stacking"):
+        blend = stacked_proba(record["stacking"], probs).astype(np.float32)
+    else:
+        blend = np.zeros((len(paths), len(names)), np.float32)
+        for cid, weight in members:
+            blend += weight * probs[cid]
     out = pd.DataFrame({"image": files, "label": [names[i] for i in blend.argmax(1)]})
     for j, name in enumerate(names):
         out[f"p_{name}"] = blend[:, j]

@@ -114,7 +114,9 @@ def tiny_experiment(tmp_path_factory, ray_session, weights_dir):
     argv = ["paddy", "--data", str(data), "--archs", "test_resnet", "--image-sizes", "16,24",
             "--trials", "3", "--max-epochs", "2", "--grace-period", "2", "--folds", "3",
             "--storage", str(storage), "--cache-dir", str(cache_dir), "--name", "tiny", "--seed", "0",
-            "--weights-dir", str(weights_dir), "--crossfit-top", "2"]
+            "--weights-dir", str(weights_dir), "--crossfit-top", "2",
+            # the networks only: the classical members have tests of their own (tests/trainer/test_classical.py)
+            "--members", "none"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = main(argv)

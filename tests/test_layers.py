@@ -19,7 +19,7 @@ PACKAGES = ("core", "ensemble_builder", "trainer", "searchspace")
 LAYERS = [
     (0, ["core"]),
     (1, ["ensemble_builder.greedy", "ensemble_builder.crossval", "ensemble_builder.candidates",
-         "ensemble_builder.ensemble", "ensemble_builder.gain"]),
+         "ensemble_builder.ensemble", "ensemble_builder.gain", "ensemble_builder.stacking"]),
     (2, ["trainer"]),
     (3, ["ensemble_builder.prediction"]),
     (4, ["searchspace"]),

@@ -25,10 +25,10 @@ import time
 
 import numpy as np
 import pyarrow as pa
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
 from core.experiment import MEMBER_FILE, Experiment, TrialContext, probs_table
+from core.logistic import fit_logistic, softmax
 from core.metrics import log_loss
 
 KINDS = ("probe", "knn", "pixels")
@@ -79,19 +79,13 @@ def _project(X: np.ndarray, params: dict) -> np.ndarray:
     return (np.asarray(X, np.float32) - params["center"]) @ params["axes"].T
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits - logits.max(1, keepdims=True)
-    e = np.exp(logits)
-    return e / e.sum(1, keepdims=True)
-
-
 def predict(kind: str, params: dict, X: np.ndarray) -> np.ndarray:
     """(n, C) float32 probabilities of a fitted fold model (its arrays) on features X."""
     if kind == "probe":
         Z = _standardise(_project(X, params), params["mean"], params["scale"])
-        return _softmax(Z @ params["coef"].T + params["intercept"]).astype(np.float32)
+        return softmax(Z @ params["coef"].T + params["intercept"]).astype(np.float32)
     if kind == "pixels":
-        return _softmax(_kernel(X, params) @ params["coef"].T + params["intercept"]).astype(np.float32)
+        return softmax(_kernel(X, params) @ params["coef"].T + params["intercept"]).astype(np.float32)
     if kind == "knn":
         return _neighbours(params["train"], params["labels"], _unit(X), int(params["k"]),
                            int(params["num_classes"])).astype(np.float32)
@@ -114,20 +108,6 @@ def _neighbours(train: np.ndarray, labels: np.ndarray, X: np.ndarray, k: int, nu
         np.add.at(votes, (np.repeat(np.arange(len(top)), k), labels[top].ravel()), 1.0)
         out[lo:lo + BLOCK] = (votes + KNN_SMOOTHING) / (k + KNN_SMOOTHING * num_classes)
     return out
-
-
-def _logistic(Z: np.ndarray, y: np.ndarray, C: float, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(coef (C, d), intercept (C,)) of a multinomial logistic regression; classes absent from y get -inf-ish."""
-    model = LogisticRegression(C=C, max_iter=200, tol=1e-3, random_state=seed).fit(Z, y)
-    coef = np.zeros((num_classes, Z.shape[1]), np.float32)
-    intercept = np.full(num_classes, -30.0, np.float32)    # a class this fold never saw: probability ~0
-    if len(model.classes_) == 2 and num_classes >= 2 and model.coef_.shape[0] == 1:
-        # sklearn's binary model has one row: the second class's log-odds
-        coef[model.classes_[1]], intercept[model.classes_[1]] = model.coef_[0], model.intercept_[0]
-        coef[model.classes_[0]], intercept[model.classes_[0]] = 0.0, 0.0
-    else:
-        coef[model.classes_], intercept[model.classes_] = model.coef_, model.intercept_
-    return coef, intercept
 
 
 def _inner_choice(X: np.ndarray, y: np.ndarray, grid, fit_score, seed: int):
@@ -179,10 +159,10 @@ def fit(kind: str, X: np.ndarray, y: np.ndarray, num_classes: int, seed: int = 0
         raise ValueError(f"unknown member kind {kind!r}; one of {', '.join(KINDS)}")
 
     def score(Za, ya, Zb, yb, C):
-        coef, intercept = _logistic(Za, ya, C, num_classes, seed)
-        return log_loss(yb, _softmax(Zb @ coef.T + intercept))
+        coef, intercept = fit_logistic(Za, ya, C, num_classes, seed)
+        return log_loss(yb, softmax(Zb @ coef.T + intercept))
     C = _inner_choice(Z, y, list(C_GRID), score, seed)
-    coef, intercept = _logistic(Z, y, C, num_classes, seed)
+    coef, intercept = fit_logistic(Z, y, C, num_classes, seed)
     return dict(base, coef=coef, intercept=intercept, C=np.float32(C))
 
 

@@ -44,7 +44,7 @@ def backbone_features(images: np.ndarray, arch: str, weights: str | None, flip: 
     mean, std = norm_stats(model, torch.device("cpu"))
     out = np.empty((len(images), model.num_features), np.float32)
     for lo in range(0, len(images), batch_size):
-        x = to_input(torch.from_numpy(np.asarray(images[lo:lo + batch_size])), mean, std)
+        x = to_input(torch.from_numpy(np.array(images[lo:lo + batch_size])), mean, std)
         out[lo:lo + len(x)] = model(x.flip(3) if flip else x).float().numpy()
     return out
 

@@ -301,7 +301,9 @@ def cv_section(ens: dict) -> str:
     folds = cv.get("fold_sizes", [])
     how = (f"the experiment's {len(folds)} folds" if cv.get("splits") == "experiment folds" else
            f"{len(folds)} random stratified splits of the holdout images (the candidates cover one fold only)")
-    verdict = ("No blend beat the best single candidate under cross-validation: the ensemble fell back to it."
+    verdict = ("The blend the selection chose had a nested CV gain that was not positive: the best single "
+               "candidate ships." if cv.get("shipped_single") else
+               "No blend beat the best single candidate under cross-validation: the ensemble fell back to it."
                if cv.get("fallback") else f"Chosen: {esc(cv.get('chosen', {}).get('name', '?'))}"
                + ("" if cv.get("auto", True) else " (as given, --no-auto)") + ".")
     return ("<h3>Cross-validated scores</h3>"

@@ -101,7 +101,7 @@ def test_overfitting_selection_gains_less_under_cross_validation(seed):
     rng = np.random.default_rng(seed)
     y = np.arange(40) % 2
     P = softmax(0.4 * np.eye(2)[y] + rng.normal(size=(40, 40, 2)))
-    cv = SelectionCV("accuracy", steps=(50,), fallback=False).fit(P, y, np.arange(40) % 4)
+    cv = SelectionCV("accuracy", steps=(50,), fallback=False, uniform=False, stacking=()).fit(P, y, np.arange(40) % 4)
     in_sample = accuracy(y, cv.selector_.predict_proba(P))
     in_sample_gain = in_sample - max(accuracy(y, p) for p in P)
     assert in_sample_gain >= 0.15
@@ -167,7 +167,7 @@ def test_falls_back_to_the_single_model_when_no_blend_helps(seed):
 def test_complementary_candidates_gain_under_cross_validation():
     P, y = independent()
     cv = SelectionCV("accuracy", max_members=5).fit(P, y, np.arange(len(y)) % 5)
-    assert not cv.fallback_ and cv.settings_[cv.chosen_]["steps"] in (5, 10, 25, 50)
+    assert not cv.fallback_ and cv.settings_[cv.chosen_]["kind"] in ("greedy", "uniform", "stacking")
     assert cv.gain_ > 0.15 and min(cv.gain_folds_) > 0
     assert len(np.flatnonzero(cv.selector_.weights_)) > 1
     chosen = cv.settings_[cv.chosen_]["scores"]["accuracy"]
@@ -179,13 +179,16 @@ def test_ties_go_to_the_simpler_setting():
     cv = SelectionCV("accuracy").fit(np.repeat(P, 4, axis=0), y, np.arange(len(y)) % 5)  # copies: all blends equal
     assert cv.chosen_ == 0 and cv.fallback_
     cv = SelectionCV("accuracy", fallback=False).fit(np.repeat(P, 4, axis=0), y, np.arange(len(y)) % 5)
+    assert cv.settings_[cv.chosen_]["kind"] == "uniform" and not cv.fallback_   # the simplest blend
+    cv = SelectionCV("accuracy", fallback=False, uniform=False, stacking=()).fit(np.repeat(P, 4, axis=0), y,
+                                                                                 np.arange(len(y)) % 5)
     assert cv.settings_[cv.chosen_]["steps"] == 5 and not cv.fallback_
 
 
 def test_bagged_settings_are_fitted_as_given():
     P, y = independent(m=8, n=200)
     folds = np.arange(200) % 4
-    cv = SelectionCV("log_loss", steps=(5, 20), bags=3, random_state=1).fit(P, y, folds)
+    cv = SelectionCV("log_loss", steps=(5, 20), bags=3, random_state=1, uniform=False, stacking=()).fit(P, y, folds)
     assert [s["name"] for s in cv.settings_] == ["best single", "5 steps", "20 steps", "5 steps, 3 bags",
                                                  "20 steps, 3 bags"]    # bagging on or off: the estimate picks
     best = max(cv.settings_, key=lambda s: (-s["scores"]["log_loss"]))
@@ -193,8 +196,69 @@ def test_bagged_settings_are_fitted_as_given():
     chosen = cv.settings_[cv.chosen_]
     expect = EnsembleSelection(chosen["steps"], "log_loss", bags=chosen["bags"], random_state=1).fit(P, y)
     assert np.array_equal(cv.selector_.weights_, expect.weights_)
-    given = SelectionCV("log_loss", steps=(20,), bags=3, fallback=False).fit(P, y, folds)   # --no-auto: as given
+    given = SelectionCV("log_loss", steps=(20,), bags=3, fallback=False, uniform=False,
+                        stacking=()).fit(P, y, folds)   # --no-auto: as given
     assert [s["name"] for s in given.settings_] == ["20 steps, 3 bags"]
+
+
+# --- stacking and the shipping rule ---------------------------------------------------
+
+def permuted(n=300, C=4, seed=0):
+    """Candidate 0 is confidently right only after a relabelling (it says y+1 for y); candidates 1 and 2 are
+    honest but noisy. No convex blend can undo a relabelling; a logistic regression on log-probabilities can."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, C, n)
+    shifted = softmax(4.0 * np.eye(C)[(y + 1) % C] + 0.3 * rng.normal(size=(n, C)))
+    noisy = softmax(0.8 * np.eye(C)[y] + rng.normal(size=(2, n, C)))
+    return np.concatenate([shifted[None], noisy]), y
+
+
+def test_stacking_learns_what_no_weighted_blend_can():
+    P, y = permuted()
+    cv = SelectionCV("accuracy", max_members=5).fit(P, y, np.arange(len(y)) % 5)
+    shipped = cv.settings_[cv.chosen_]
+    assert shipped["kind"] == "stacking" and not cv.fallback_ and not cv.shipped_single_
+    # nested: every outer fold was blended by a stacker chosen and fitted without it
+    assert all(name.startswith("stacking") for name in cv.nested_choices_.values())
+    weighted = [s["scores"]["accuracy"] for s in cv.settings_ if s["kind"] != "stacking"]
+    assert cv.estimate_["ensemble"]["scores"]["accuracy"] > 0.95 > max(weighted) + 0.2
+    assert cv.gain_ > 0.2 and min(cv.gain_folds_) > 0
+    # the shipped stacker carries over to new samples from the same candidates
+    P_new, y_new = permuted(seed=1)
+    assert accuracy(y_new, cv.selector_.predict_proba(P_new)) > 0.95
+
+
+def test_stacking_on_noise_is_not_shipped():
+    """One honest candidate and pure-noise others on few samples: a stacker can only fit the noise, so the
+    nested estimate keeps it out (the single candidate or a weighted blend ships, with a positive gain or none)."""
+    for seed in range(3):
+        P, y = one_strong(m=8, n=90, seed=seed)
+        cv = SelectionCV("accuracy", max_members=5).fit(P, y, np.arange(len(y)) % 5)
+        assert cv.settings_[cv.chosen_]["kind"] != "stacking", seed
+        assert cv.fallback_ or cv.gain_ > 0, seed
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "log_loss"])
+def test_a_shipped_blend_always_has_a_positive_nested_gain(metric):
+    """Over pools where blending helps, hurts and ties, a blend ships only with a positive nested CV gain;
+    otherwise the best single candidate ships (and its estimate is the single's)."""
+    shipped_single = 0
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        quality = rng.uniform(0.0, 1.2, size=(6, 1, 1))   # some pools barely better than chance
+        y = rng.integers(0, 3, 60)
+        P = softmax(quality * np.eye(3)[y] + rng.normal(size=(6, 60, 3)))
+        cv = SelectionCV(metric, max_members=5).fit(P, y, np.arange(60) % 4)
+        if cv.fallback_:
+            best = rank_candidates(P, y, metric)[0]
+            assert np.array_equal(cv.selector_.weights_, np.eye(6)[best]), seed
+            assert cv.estimate_["ensemble"] == cv.estimate_["best_single"], seed
+            shipped_single += cv.shipped_single_
+            if cv.shipped_single_:   # the blend that lost is still reported, beside what shipped
+                assert cv.estimate_["nested_blend"]["scores"] != cv.estimate_["best_single"]["scores"]
+        else:
+            assert cv.gain_ > 0, seed
+    assert shipped_single >= 1   # the rule did act on some pool, not only the CV's own choice
 
 
 # --- the CLI -------------------------------------------------------------------------
@@ -229,7 +293,8 @@ def test_select_prints_the_estimate_first_and_writes_both(tmp_path, capsys):
     cv = report["cv"]
     assert set(cv["estimate"]) == set(report["scores"]) and cv["splits"] == "experiment folds"
     assert cv["fold_sizes"] == [60] * 5 and cv["fallback"] is False and cv["auto"] is True
-    assert [s["name"] for s in cv["settings"]] == ["best single", "5 steps", "10 steps", "25 steps", "50 steps"]
+    assert [s["name"] for s in cv["settings"]] == ["best single", "uniform top 5", "5 steps", "10 steps", "25 steps",
+                                                   "50 steps", "stacking C=0.1", "stacking C=1"]
     assert report["steps"] == cv["chosen"]["steps"] and report["bags"] == 0
     assert len(cv["estimate"]["ensemble"]["folds"]) == 5 and cv["gain"] > 0
     assert sum(m["weight"] for m in report["members"]) == pytest.approx(1.0)
@@ -262,10 +327,11 @@ def test_select_given_steps_are_kept(tmp_path, capsys):
     report = json.loads((exp / "ensemble" / "ensemble.json").read_text())
     assert f"chose {report['cv']['chosen']['name']} (--steps)" in out and "(a reduction: lower is better)" in out
     settings = report["cv"]["settings"]
-    assert [s["name"] for s in settings] == ["best single", "7 steps", "7 steps, 2 bags"]   # bagging on or off
+    assert [s["name"] for s in settings] == ["best single", "uniform top 5", "7 steps", "7 steps, 2 bags",
+                                             "stacking C=0.1", "stacking C=1"]   # bagging on or off
     best = min(settings, key=lambda s: s["scores"]["log_loss"])
     assert report["cv"]["chosen"]["name"] == best["name"] and report["metric"] == "log_loss"
-    assert (report["steps"], report["bags"]) in ((7, 0), (7, 2))
+    assert (report["steps"], report["bags"]) in ((7, 0), (7, 2), (None, 0))
 
 
 def test_holdout_only_candidates_use_random_stratified_splits(tmp_path, capsys):
@@ -311,6 +377,10 @@ def test_report_shows_the_estimate_as_the_headline(tmp_path, capsys):
     assert f"Chosen: {ens['cv']['chosen']['name']}." in html and html.count("class='best'") == 1
     assert len(ens["cv"]["nested_choices"]) == 5
     assert "Without each fold, the selection chose: fold 0: " in html
-    assert fig_trajectory(ens).startswith(b"\x89PNG")
+    if ens["cv"]["chosen"]["kind"] in ("single", "greedy", "bagged"):
+        assert fig_trajectory(ens).startswith(b"\x89PNG")
+    else:   # uniform or stacking: no greedy trajectory to draw
+        assert ens["trajectory"] == [] and fig_trajectory(ens) is None
     del ens["cv"]   # an ensemble.json from before: no estimate, nothing claimed
+    ens["trajectory"] = ens["trajectory"] or [0.5, 0.6]
     assert cv_score(ens, "ensemble") is None and fig_trajectory(ens).startswith(b"\x89PNG")

@@ -117,12 +117,10 @@ def scores(y: np.ndarray, P: np.ndarray) -> dict:
 
 
 def ensemble_test(location: str) -> tuple[list[str], np.ndarray]:
-    """(test sample ids, the shipped ensemble's test probabilities): its members' test predictions, weighted."""
+    """(test sample ids, the shipped ensemble's test probabilities, as its submission was made)."""
     exp = Experiment(location)
     order = exp.test()["sample_id"].tolist()
-    members = exp.ensemble()["members"]
-    P = sum(m["weight"] * aligned(exp.candidate(m["candidate"]).test(), order) for m in members)
-    return order, np.asarray(P, np.float64)
+    return order, np.asarray(aligned(exp.ensemble_test(), order), np.float64)
 
 
 def score_experiment(location: str, info: dict) -> dict:

@@ -302,6 +302,13 @@ class Experiment:
     def has_ensemble(self) -> bool:
         return storage.exists(self.ensemble_file())
 
+    def ensemble_test(self) -> pa.Table:
+        """The shipped ensemble's probabilities on the test images (a probability table), as the submission's."""
+        return storage.read_parquet(self.ensemble_file("test.parquet"))
+
+    def write_ensemble_test(self, table: pa.Table) -> None:
+        storage.write_parquet(self.ensemble_file("test.parquet"), table)
+
     def ensemble(self) -> dict:
         return storage.read_json(self.ensemble_file())
 

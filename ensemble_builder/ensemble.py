@@ -18,7 +18,7 @@ import pandas as pd
 
 from core import storage
 from core.errors import BadInput
-from core.experiment import DEFAULT_RUNS, Experiment
+from core.experiment import DEFAULT_RUNS, Experiment, probs_table
 from ensemble_builder import candidates as cands
 from ensemble_builder.crossval import STACKING_C, STEPS_GRID, SelectionCV, metric_scores, random_folds, rank_candidates
 from ensemble_builder.stacking import Stacker, stacked_proba
@@ -166,11 +166,13 @@ def fit(experiment: str | None = None, top: int = 5, metric: str | None = None, 
 
 
 def write(sel: Selection, auto: bool = True) -> tuple[str, str | None]:
-    """ensemble/ensemble.json and, when every member has test predictions, ensemble/submission.csv."""
+    """ensemble/ensemble.json and, when every member has test predictions, ensemble/submission.csv and the
+    ensemble's test probabilities (ensemble/test.parquet)."""
     exp = Experiment(sel.experiment)
     record = sel.record(auto)
     sub = sel.submission()
     if sub is not None:
+        exp.write_ensemble_test(probs_table(*sel.test_probs()))
         record["submission"] = exp.submission_file
         storage.write_bytes(record["submission"], sub.to_csv(index=False).encode())
     storage.write_json(exp.ensemble_file(), record)

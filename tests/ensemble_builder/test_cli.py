@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.experiment import probs_table
+from core.experiment import aligned, probs_table
 from ensemble_builder.__main__ import main
 
 
@@ -54,6 +54,10 @@ def test_select_then_predict(experiment, tiny_experiment, tmp_path, capsys):
     assert sub["image_id"].tolist() == order
     classes = json.loads((experiment / "experiment.json").read_text())["class_names"]
     assert set(sub["label"]) <= set(classes)
+    # the ensemble's test probabilities, kept beside the submission, are what its labels came from
+    probs = pq.read_table(experiment / "ensemble" / "test.parquet")
+    P = aligned(probs, order)
+    assert np.allclose(P.sum(1), 1, atol=1e-4) and [classes[i] for i in P.argmax(1)] == sub["label"].tolist()
 
     preds = tmp_path / "preds.csv"
     assert main(["predict", "--experiment", str(experiment), "--images", str(tiny_experiment.data / "test_images"),

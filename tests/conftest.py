@@ -10,6 +10,8 @@ from another test module. The test folders have no ``__init__.py``: without a
 tests/__init__.py, a tests/trainer/__init__.py would make ``import trainer``
 find the test folder instead of the package.
 
+- ``pytest_configure``: HOME, the caches and Ray's auth token inside pytest's
+  tmp dir, so the suite writes nothing outside it.
 - ``pytest_collection_modifyitems``: a test that uses a fixture in
   ``RAY_FIXTURES`` (it starts Ray or runs a search) is marked ``slow``, so
   ``pytest -m "not slow"`` starts no Ray.
@@ -51,6 +53,23 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # search. A test that uses one is slow, whatever its own marks say, so that
 # `pytest -m "not slow"` starts no Ray and no search.
 RAY_FIXTURES = {"ray_session", "tiny_experiment", "own_ray", "ray_tmp", "detached", "offline_ray"}
+
+
+@pytest.hookimpl(trylast=True)   # after pytest's tmp_path plugin has configured
+def pytest_configure(config):
+    """Nothing a test does writes outside pytest's tmp dir: HOME is a folder there, so Ray's auth token
+    (token auth is on by default: ``ray.init`` writes ~/.ray/auth_token), the default node cache
+    (~/.cache/searchspace), matplotlib's and torch's caches land there, and every Ray process of the session
+    (``ray start`` subprocesses and job drivers included) reads the same token through RAY_AUTH_TOKEN_PATH."""
+    import secrets
+
+    home = config._tmp_path_factory.mktemp("home", numbered=False)
+    token = home / ".ray" / "auth_token"
+    token.parent.mkdir(parents=True, exist_ok=True)
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    os.environ.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), MPLCONFIGDIR=str(home / ".matplotlib"),
+                      RAY_AUTH_TOKEN_PATH=str(token))
 
 
 def pytest_collection_modifyitems(config, items):

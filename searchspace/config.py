@@ -173,6 +173,9 @@ class Options(_Checked):
                                            "search is over, the weights of trials ASHA stopped, and the cross-fit "
                                            "jobs' own copies)")
     tta: bool = option(True, "predict the test set without horizontal-flip TTA")
+    gpu_path_on_cpu: bool = option(False, "train through the GPU code path on a CPU: kornia augmentation on the "
+                                          "tensor's device, bfloat16 autocast, channels_last (to test that path "
+                                          "where there is no GPU; slower than the default CPU path)")
     members: str | None = option(None, "classical ensemble members fitted on the same folds: comma-separated among "
                                        "probe (logistic regression on a pretrained backbone's frozen features), knn "
                                        "(nearest neighbours on them), pixels (a kernel model on HOG and a colour "

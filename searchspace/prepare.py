@@ -128,7 +128,7 @@ def prepare(task: Task, data: str | None, experiment: Experiment, config: Search
         data_key=fingerprint(index["path"].tolist(), [size_of[p] for p in index["path"]]),
         num_classes=len(classes), max_epochs=b.max_epochs, seed=opts.seed, test_key=test_key,
         aug_backend=opts.aug_backend, weights=weights, search_pretrained=opts.search_pretrained,
-        tta=task.flip_tta and opts.tta, cpus_per_trial=res.cpus_per_trial)
+        tta=task.flip_tta and opts.tta, cpus_per_trial=res.cpus_per_trial, gpu_path_on_cpu=opts.gpu_path_on_cpu)
     recorded = {**(given or config).flat(), "task": task.name, "data": data, "storage": storage.absolute(opts.storage),
                 "name": experiment.location.rstrip("/").rsplit("/", 1)[-1], "cache_dir": cache_dir, "archs": archs}
     experiment.write_meta(dict(

@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ from core.experiment import (
 from core.metrics import METRICS, log_loss
 from trainer.augment import AugPolicy, albumentations_pipeline, kornia_pipeline, mix_batch
 from trainer.cache import cached_images
+from trainer.device import device_for
 from trainer.inference import norm_stats, predict_probs, save_weights, to_input
 from trainer.model import class_weights, create
 from trainer.recipe import Recipe, lr_factor
@@ -48,8 +50,12 @@ from trainer.recipe import Recipe, lr_factor
 class CachedImages(torch.utils.data.Dataset):
     """Rows of the node cache as uint8 HxWx3 tensors, optionally augmented (CPU path)."""
 
-    def __init__(self, images: np.ndarray, rows: np.ndarray, labels: np.ndarray, transform=None):
+    def __init__(self, images: np.ndarray, rows: np.ndarray, labels: np.ndarray, transform=None,
+                 yield_rows: bool = False):
+        """``yield_rows``: each item's second element is its row of the index instead of its label (a
+        distillation looks up both the label and the teacher's probabilities by it)."""
         self.images, self.rows, self.labels, self.transform = images, rows, labels, transform
+        self.yield_rows = yield_rows
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -57,8 +63,38 @@ class CachedImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         img = self.images[self.rows[i]]
         # The cache is mapped read-only: augmenting or copying gives torch its own array.
-        img = self.transform(image=img)["image"] if self.transform is not None else np.array(img)
-        return torch.from_numpy(np.ascontiguousarray(img)), int(self.labels[self.rows[i]])
+        img = np.ascontiguousarray(self.transform(image=img)["image"] if self.transform is not None else img)
+        if not img.flags.writeable:   # a transform that changed nothing hands back the read-only cache row
+            img = img.copy()
+        row = int(self.rows[i])
+        return torch.from_numpy(img), row if self.yield_rows else int(self.labels[row])
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """Soft targets for a distilled student: the teacher's probabilities for every row of the index, the
+    temperature that softens them, and ``alpha``, the soft loss's share (the hard labels get the rest)."""
+
+    probs: np.ndarray
+    temperature: float = 2.0
+    alpha: float = 0.7
+
+    def softened(self) -> np.ndarray:
+        """p ** (1/T), renormalised: the teacher's softmax at temperature T, from its probabilities."""
+        logp = np.log(np.clip(np.asarray(self.probs, np.float64), 1e-8, 1.0)) / self.temperature
+        logp -= logp.max(1, keepdims=True)
+        p = np.exp(logp)
+        return (p / p.sum(1, keepdims=True)).astype(np.float32)
+
+
+def assigned_gpus() -> list[str] | None:
+    """The GPUs Ray gave this worker (several trials share one under a fractional --gpus-per-trial); None
+    outside Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
 
 
 def node_cache_dir(ctx: TrialContext) -> str:
@@ -81,10 +117,12 @@ def weights_file(location: str | None, cache_dir: str) -> str | None:
 class Run:
     """Everything one recipe needs on one fold: data, model, optimiser, schedule; ``epoch()`` trains one."""
 
-    def __init__(self, config: dict, ctx: TrialContext, fold: int | None, epochs: int, train: bool = True):
+    def __init__(self, config: dict, ctx: TrialContext, fold: int | None, epochs: int, train: bool = True,
+                 teacher: Teacher | None = None):
         """``fold=None``: train on every training image (no holdout). ``train=False``: only the data and the
-        model's architecture, to load finished weights into."""
-        self.ctx, self.fold, self.epochs = ctx, fold, epochs
+        model's architecture, to load finished weights into. ``teacher``: distil, the loss mixing the hard
+        labels with the teacher's softened probabilities (Hinton et al., 2015)."""
+        self.ctx, self.fold, self.epochs, self.teacher = ctx, fold, epochs, teacher
         self.recipe = r = Recipe.from_config(config)
         self.experiment = Experiment(ctx.experiment)
         cpus = max(1, int(ctx.cpus_per_trial))
@@ -104,25 +142,29 @@ class Run:
         held = np.zeros(len(folds), bool) if fold is None else folds == fold
         self.train_rows, self.hold_rows = np.flatnonzero(~held), np.flatnonzero(held)
 
-        # --- device and augmentation backend (kornia on a GPU, albumentations on CPU)
-        self.device = device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        backend = ctx.aug_backend or ("kornia" if device.type == "cuda" else "albumentations")
+        # --- device and branch (trainer.device): the accelerator branch augments on the device with kornia,
+        # the plain CPU branch with albumentations in the loader's workers
+        self.dev = device_for(ctx.gpu_path_on_cpu)
+        self.device = device = self.dev.device
+        backend = ctx.aug_backend or ("kornia" if self.dev.accelerated else "albumentations")
         self.resolved = {**r.as_dict(), "fold": fold, "epochs": epochs, "num_classes": self.num_classes,
-                         "aug_backend": backend, "metric": ctx.metric}
+                         "aug_backend": backend, "metric": ctx.metric, "device": device.type,
+                         "accelerated": self.dev.accelerated, "gpu_ids": assigned_gpus()}
         if not train:
             self.model = create(r.arch, self.num_classes, r.image_size).to(device)
             return
         self.policy = AugPolicy.from_config(config)
         self.on_device_aug = kornia_pipeline(self.policy).to(device) if backend == "kornia" else None
         dataset = CachedImages(self.images, self.train_rows, self.labels,
-                               albumentations_pipeline(self.policy, seed) if backend == "albumentations" else None)
+                               albumentations_pipeline(self.policy, seed) if backend == "albumentations" else None,
+                               yield_rows=teacher is not None)
         # A batch never exceeds the training fold (small data), and with drop_last
         # every step sees a full batch, so BatchNorm never gets a batch of one.
         batch_size = max(1, min(r.batch_size, len(self.train_rows)))
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, shuffle=True, drop_last=True,
             num_workers=cpus - 1 if backend == "albumentations" else min(2, cpus - 1),
-            pin_memory=device.type == "cuda", persistent_workers=cpus > 1,
+            pin_memory=self.dev.pin_memory, persistent_workers=cpus > 1,
             generator=torch.Generator().manual_seed(seed))
 
         # --- model, loss, optimiser, schedule
@@ -132,8 +174,11 @@ class Run:
         model = create(r.arch, self.num_classes, r.image_size,
                        weights=weights_file(weights, node_cache_dir(ctx)) if r.pretrained else None,
                        freeze_fraction=r.freeze_fraction if r.pretrained else 0.0).to(device)
-        self.model = model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+        self.model = model.to(memory_format=self.dev.memory_format())
         self.mean, self.std = norm_stats(model, device)
+        if teacher is not None:
+            self.labels_on_device = torch.from_numpy(self.labels).to(device)
+            self.soft_targets = torch.from_numpy(teacher.softened()).to(device)
         self.loss_weights = class_weights(self.labels[self.train_rows], self.num_classes,
                                           r.class_weight_power).to(device)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -143,10 +188,7 @@ class Run:
             self.optimizer = torch.optim.AdamW(params, lr=r.lr, weight_decay=r.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(r.schedule, r.warmup_fraction, epochs * len(self.loader)))
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        self.amp = dict(device_type=device.type, enabled=device.type == "cuda",
-                        dtype=torch.bfloat16 if bf16 else torch.float16)
-        self.scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and not bf16)
+        self.scaler = self.dev.scaler()
 
     @property
     def hold_ids(self) -> np.ndarray:
@@ -174,14 +216,17 @@ class Run:
         return loss_sum / max(1, seen), seen / (time.perf_counter() - t0)
 
     def step(self, batch: torch.Tensor, y: torch.Tensor) -> float:
-        """One optimiser step on a uint8 batch and its labels; returns the loss."""
+        """One optimiser step on a uint8 batch and its labels (with a teacher: its rows); returns the loss."""
         batch, y = batch.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         with torch.no_grad():
-            x = to_input(batch, self.mean, self.std, self.on_device_aug)
-        x, target = mix_batch(x, F.one_hot(y, self.num_classes).float(), self.policy, self.rng)
-        with torch.autocast(**self.amp):
-            loss = F.cross_entropy(self.model(x).float(), target, weight=self.loss_weights,
-                                   label_smoothing=self.recipe.label_smoothing)
+            x = to_input(batch, self.mean, self.std, self.on_device_aug, self.dev.memory_format())
+        if self.teacher is None:
+            target = F.one_hot(y, self.num_classes).float()
+        else:   # the hard and the soft targets side by side, so that MixUp/CutMix mix both alike
+            target = torch.cat([F.one_hot(self.labels_on_device[y], self.num_classes).float(), self.soft_targets[y]], 1)
+        x, target = mix_batch(x, target, self.policy, self.rng)
+        with self.dev.autocast():
+            loss = self.loss(self.model(x).float(), target)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -189,12 +234,25 @@ class Run:
         self.scheduler.step()
         return float(loss.detach())
 
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Class-weighted, label-smoothed cross-entropy on the hard targets; with a teacher, mixed with the
+        KL divergence from its softened probabilities at temperature T (scaled by T^2, so its gradients keep
+        their size as T changes)."""
+        C = self.num_classes
+        hard = F.cross_entropy(logits, target[:, :C], weight=self.loss_weights,
+                               label_smoothing=self.recipe.label_smoothing)
+        if self.teacher is None:
+            return hard
+        T, alpha = self.teacher.temperature, self.teacher.alpha
+        soft = F.kl_div(F.log_softmax(logits / T, 1), target[:, C:], reduction="batchmean") * T * T
+        return (1 - alpha) * hard + alpha * soft
+
     def evaluate(self, epoch: int) -> tuple[dict, np.ndarray]:
         """The holdout fold's probabilities and the metrics Tune gets."""
         import ray
 
         t0 = time.perf_counter()
-        probs = predict_probs(self.model, self.images, self.hold_rows)
+        probs = predict_probs(self.model, self.images, self.hold_rows, dev=self.dev)
         eval_s = time.perf_counter() - t0
         y = self.labels[self.hold_rows]
         name = self.ctx.metric
@@ -254,6 +312,7 @@ def crossfit_fold(config: dict, ctx: TrialContext) -> None:
     from ray import tune
 
     _quiet()
+    t0 = time.perf_counter()
     job = dict(config["job"])
     fold, epochs = int(job["fold"]), int(job["epochs"])
     if job.get("from_checkpoint") and tune.get_checkpoint() is None:
@@ -265,11 +324,14 @@ def crossfit_fold(config: dict, ctx: TrialContext) -> None:
         tune.report(metrics)
         return
     run = Run(job, ctx, fold=fold, epochs=epochs)
-    for epoch in range(run.restore(tune.get_checkpoint()), epochs):
+    first = run.restore(tune.get_checkpoint())
+    for epoch in range(first, epochs):
         train_loss, images_per_s = run.train_epoch()
         metrics, probs = run.evaluate(epoch + 1)
         if epoch + 1 == epochs:
-            write_fold(ctx, job["candidate"], run, probs)
+            # what the fold cost: this attempt's seconds, scaled up to every epoch when it resumed part way
+            seconds = (time.perf_counter() - t0) * epochs / max(1, epochs - first)
+            write_fold(ctx, job["candidate"], run, probs, seconds=seconds)
         run.report({**metrics, "train_loss": train_loss, "images_per_s": images_per_s}, probs)
 
 
@@ -295,13 +357,13 @@ def measure(config: dict, ctx: TrialContext, seconds: float = 6.0) -> dict:
     train = (time.perf_counter() - start) / seen if seen else (time.perf_counter() - t0 - setup)
     rows = run.hold_rows[:512]
     t1 = time.perf_counter()
-    predict_probs(run.model, run.images, rows)
+    predict_probs(run.model, run.images, rows, dev=run.dev)
     predict = (time.perf_counter() - t1) / max(1, len(rows))
     return dict(train_s_per_image=train, predict_s_per_image=predict, setup_s=setup)
 
 
 def write_fold(ctx: TrialContext, candidate: str, run: Run, hold_probs: np.ndarray,
-               checkpoint: str | None = None) -> None:
+               checkpoint: str | None = None, seconds: float | None = None) -> None:
     """A cross-fit fold's record: its model, holdout and test predictions, then done.json.
 
     Written by the job itself into the experiment (not Ray's trial folder), so
@@ -319,6 +381,7 @@ def write_fold(ctx: TrialContext, candidate: str, run: Run, hold_probs: np.ndarr
         r = run.recipe
         test_images = cached_images(frame["path"].tolist(), ctx.test_key, r.image_size, r.resize_mode,
                                     node_cache_dir(ctx), workers=os.cpu_count() or 1)
-        test = probs_table(frame["sample_id"], predict_probs(run.model, test_images, tta=ctx.tta))
+        test = probs_table(frame["sample_id"], predict_probs(run.model, test_images, tta=ctx.tta, dev=run.dev))
     fold.write(probs_table(run.hold_ids, hold_probs), test,
-               dict(checkpoint=checkpoint, fold=run.fold, epochs=run.epochs), model=model, config=run.resolved)
+               dict(checkpoint=checkpoint, fold=run.fold, epochs=run.epochs,
+                    seconds=None if seconds is None else round(seconds, 2)), model=model, config=run.resolved)

@@ -9,10 +9,13 @@ import torch
 from core import storage
 from core.experiment import Checkpoint
 from trainer import model as models
+from trainer.device import Device, device_of
 
 
-def to_input(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, augment=None) -> torch.Tensor:
-    """uint8 BxHxWx3 (already on the device) -> normalised float Bx3xHxW."""
+def to_input(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, augment=None,
+             memory_format: torch.memory_format | None = None) -> torch.Tensor:
+    """uint8 BxHxWx3 (already on the device) -> normalised float Bx3xHxW (channels_last on a CUDA device, or
+    as ``memory_format`` says)."""
     x = batch.permute(0, 3, 1, 2).float()
     # (x / 255 - mean) / std as one fused pass (addcmul), in place: this is
     # memory-bound, and every extra pass over the batch shows on a CPU.
@@ -21,7 +24,9 @@ def to_input(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, augment
         x = torch.addcmul(-mean / std, x, 1 / std, out=x)
     else:
         x = torch.addcmul(-mean / std, x, 1 / (255 * std), out=x)
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+    if memory_format is None:
+        memory_format = torch.channels_last if x.is_cuda else torch.contiguous_format
+    return x.contiguous(memory_format=memory_format)
 
 
 def norm_stats(model: torch.nn.Module, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,17 +38,18 @@ def norm_stats(model: torch.nn.Module, device) -> tuple[torch.Tensor, torch.Tens
 
 @torch.no_grad()
 def predict_probs(model: torch.nn.Module, images: np.ndarray, rows: np.ndarray | None = None,
-                  batch_size: int = 256, tta: bool = False) -> np.ndarray:
-    """Softmax probabilities (N, C) float32; with ``tta`` averaged with the mirror image."""
-    device = next(model.parameters()).device
-    mean, std = norm_stats(model, device)
+                  batch_size: int = 256, tta: bool = False, dev: Device | None = None) -> np.ndarray:
+    """Softmax probabilities (N, C) float32; with ``tta`` averaged with the mirror image. ``dev``: the
+    branch it runs on (default: the model's device's, ``device_of``)."""
+    dev = dev or device_of(model)
+    mean, std = norm_stats(model, dev.device)
     rows = np.arange(len(images)) if rows is None else rows
     model.eval()
     out = []
     for start in range(0, len(rows), batch_size):
-        batch = torch.from_numpy(np.asarray(images[rows[start:start + batch_size]])).to(device)
-        x = to_input(batch, mean, std)
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
+        batch = torch.from_numpy(np.asarray(images[rows[start:start + batch_size]])).to(dev.device)
+        x = to_input(batch, mean, std, memory_format=dev.memory_format())
+        with dev.autocast():
             p = model(x).float().softmax(1)
             if tta:
                 p = (p + model(x.flip(3)).float().softmax(1)) / 2

@@ -24,8 +24,9 @@ imported, so the ensemble builder can read an experiment without torch.
   candidates/<cid>/folds/<k>/   a cross-fit fold: model.pt (a network) or model.npz (a classical
                                 member's arrays), config.json, holdout.parquet, test.parquet,
                                 done.json (written last)
-  ensemble/ensemble.json        members, weights, scores (ensemble_builder select)
+  ensemble/ensemble.json        members, weights (or the stacker's arrays), scores (ensemble_builder select)
   ensemble/submission.csv
+  ensemble/test.parquet         sample_id, probs: the shipped ensemble's test probabilities
   <ray trial folders>           Ray Tune's own: the search's and crossfit-<date>/
 ```
 """
@@ -46,6 +47,7 @@ STUDY_FILE = "optuna_journal.log"
 TRIALS_FILE = "trials.parquet"
 # Inside a checkpoint folder (Ray's, or a fold record).
 MODEL_FILE, CONFIG_FILE, HOLDOUT_FILE, TRAIN_STATE_FILE = "model.pt", "config.json", "holdout.parquet", "train_state.pt"
+STUDENT_PREFIX = "student-"   # candidates/student-<arch>-<size>/: a distilled student (never a selection input)
 MEMBER_FILE = "model.npz"   # a classical member's fold model: its arrays (trainer.classical), never a pickle
 
 
@@ -66,6 +68,7 @@ class TrialContext:
     search_pretrained: bool = False
     tta: bool = True
     cpus_per_trial: float = 1
+    gpu_path_on_cpu: bool = False    # the trainer's accelerator branch on a CPU (trainer.device)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrialContext:

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from core.errors import BadInput
-from core.experiment import Experiment, newest, probs_array
+from core.experiment import STUDENT_PREFIX, Experiment, newest, probs_array
 
 FLOAT16_ABOVE = 2**31   # bytes: a float32 P larger than this is held as float16 (1000 x 100k x 10 is 4 GB)
 
@@ -44,8 +44,9 @@ def probs_matrix(table, location: str) -> np.ndarray:
     return P
 
 
-def load(experiment: str, dtype=None) -> Candidates:
-    """The experiment's candidates; ``P`` is float32, or float16 when float32 would pass ``FLOAT16_ABOVE`` bytes.
+def load(experiment: str, dtype=None, only: list[str] | None = None) -> Candidates:
+    """The experiment's candidates (``only``: these of them); ``P`` is float32, or float16 when float32 would
+    pass ``FLOAT16_ABOVE`` bytes.
 
     ``dtype`` overrides that choice. Each candidate's rows are written straight
     into the matrix of its sample set, so the whole is never held twice.
@@ -56,7 +57,13 @@ def load(experiment: str, dtype=None) -> Candidates:
     meta = exp.meta()
     n_classes = len(meta["class_names"])
     index = exp.folds()
-    names = exp.candidate_ids()
+    # A student learned from the ensemble's own predictions: blending it back in would be circular.
+    names = [n for n in exp.candidate_ids() if not n.startswith(STUDENT_PREFIX)]
+    if only is not None:
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise BadInput(f"{experiment}: no candidate {', '.join(unknown)}; its candidates are {', '.join(names)}")
+        names = [n for n in names if n in set(only)]
     if not names:
         raise BadInput(f"{experiment}: no candidates (candidates/*/oof.parquet); run the search to completion first")
     if dtype is None:   # from the index's size: an upper bound for holdout-only candidates

@@ -26,7 +26,7 @@ from core.errors import BadInput
 from core.experiment import Experiment, TrialContext, aligned, probs_array, probs_table, ranked
 from core.metrics import METRICS
 from searchspace.config import Resources
-from searchspace.time_budget import Clock, Cost, Deadline, plan_final
+from searchspace.time_budget import Clock, Cost, Deadline, at, clock_text, makespan, plan_final
 from searchspace.tuner import concurrency, trainable
 
 # A config is eligible for the complementarity choice only when its fold-0
@@ -146,6 +146,8 @@ def build_crossfit_tuner(ctx: TrialContext, jobs: list[dict], res: Resources, de
     ``deadline`` stops what still runs when the final stage's share of the time budget ends."""
     from ray import tune
 
+    from searchspace.progress import FoldProgress
+
     fs, root = storage.resolve(ctx.experiment)
     return tune.Tuner(
         trainable(ctx, res, crossfit=True), param_space={"job": tune.grid_search(jobs)},
@@ -153,6 +155,7 @@ def build_crossfit_tuner(ctx: TrialContext, jobs: list[dict], res: Resources, de
         run_config=tune.RunConfig(
             name=f"crossfit-{datetime.datetime.now():%Y%m%d-%H%M%S}", storage_path=root, storage_filesystem=fs,
             verbose=0, checkpoint_config=tune.CheckpointConfig(num_to_keep=1), stop=deadline,
+            callbacks=[FoldProgress(jobs)],
             failure_config=tune.FailureConfig(max_failures=res.max_failures)))
 
 
@@ -240,7 +243,8 @@ def crossfit(experiment: Experiment, res: Resources, top: int | None = None, tta
     for row in chosen.itertuples():
         print(f"  {row.crossfit_rank}. {row.trial_id}: {row.crossfit_reason}")
     print(f"cross-fit: {len(cids)} config(s) x {folds} folds; {len(jobs)} fold job(s) to run "
-          f"({len(cids) * folds - len(jobs)} already done)", flush=True)
+          f"({len(cids) * folds - len(jobs)} already done)" + (f"; {estimate(trials, jobs, index, folds, res, ctx)}"
+                                                             if jobs and plan is None else ""), flush=True)
     first = [experiment.candidate(cids[0]).fold(k) for k in range(folds)] if cids else []
     deadline = Deadline(experiment.location, until_s, unless=lambda: not all(f.done() for f in first)) \
         if budgeted else None
@@ -272,6 +276,18 @@ def crossfit(experiment: Experiment, res: Resources, top: int | None = None, tta
               "not finished); the complete ones make the ensemble", flush=True)
         return 0 if complete else 1
     return 0 if len(complete) == len(cids) else 1
+
+
+def estimate(trials: pd.DataFrame, jobs: list[dict], index: pd.DataFrame, folds: int, res: Resources,
+             ctx: TrialContext) -> str:
+    """The planned cost of these fold jobs, from their search trials' measured epochs."""
+    n_test = len(Experiment(ctx.experiment).test()) if ctx.test_key else 0
+    tids = list(dict.fromkeys(j["candidate"].removeprefix("cv-") for j in jobs))
+    cost = costs(trials, tids, len(index) // folds, n_test, ctx.tta)
+    n = slots(res)
+    seconds = makespan([cost[j["candidate"].removeprefix("cv-")].job_s
+                        + j["epochs"] * cost[j["candidate"].removeprefix("cv-")].epoch_s for j in jobs], n)
+    return f"about {clock_text(seconds)} on {n} slot(s), ends about {at(seconds)}"
 
 
 def slots(res: Resources) -> int:

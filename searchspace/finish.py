@@ -39,8 +39,12 @@ def select_within_budget(experiment: Experiment) -> int:
         print(f"selection: {e}", flush=True)
         return 1
     members = ", ".join(f"{cid} {w:.2f}" for cid, w in sel.members)
+    task = experiment.meta()["metric"]
+    est = {k: v["scores"] for k, v in sel.estimate.items()}
+    also = (f"; {task} {est['ensemble'][task]:.4f} against {est['best_single'][task]:.4f}"
+            if task != sel.metric and task in est["ensemble"] else "")
     print(f"\nselection ({sel.chosen['name']}): {members}; cross-validated gain over the best single "
-          f"candidate {sel.cv_gain:+.4f} {sel.metric}", flush=True)
+          f"candidate {sel.cv_gain:+.4f} {sel.metric}{also}", flush=True)
     record = experiment.ensemble()
     print(f"wrote {experiment.ensemble_file()}" + (f" and {record['submission']}" if record.get("submission")
                                                     else " (no test set: no submission)"), flush=True)

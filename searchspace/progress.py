@@ -108,3 +108,36 @@ class Progress(Callback):
         print(f"[{time.time() - self.start:5.0f}s] {running} running, {done}{total} finished "
               f"({len(self.early)} stopped early), {status.count('ERROR')} failed | {best}"
               + (f" | {eta}" if eta else ""), flush=True)
+
+
+class FoldProgress(Callback):
+    """The final stage's progress line: fold jobs running, done and failed, epochs trained of the planned
+    total, and when the stage should end at the rate seen so far (every job trains ``epochs`` of its own)."""
+
+    def __init__(self, jobs: list[dict], every_s: float = 15.0):
+        self.total_epochs = sum(int(j["epochs"]) for j in jobs)
+        self.jobs, self.every_s = len(jobs), every_s
+        self.start, self.last = time.time(), time.time()
+        self.done: set[str] = set()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if time.time() - self.last > self.every_s:
+            self._print(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done.add(trial.trial_id)
+        self._print(trials)
+
+    def _print(self, trials) -> None:
+        self.last = time.time()
+        epochs = sum(int(t.config["job"]["epochs"]) if t.trial_id in self.done
+                     else int((t.last_result or {}).get("epoch", 0) or 0) for t in trials)
+        elapsed = time.time() - self.start
+        running = sum(t.status == "RUNNING" and t.trial_id not in self.done for t in trials)
+        failed = sum(t.status == "ERROR" for t in trials)
+        eta = ""
+        if 0 < epochs < self.total_epochs:
+            left = (self.total_epochs - epochs) * elapsed / epochs
+            eta = f" | ends ~{at(left)} (in {clock_text(left)})"
+        print(f"[{elapsed:5.0f}s] final stage: {running} running, {len(self.done)}/{self.jobs} fold jobs done, "
+              f"{failed} failed | {epochs}/{self.total_epochs} epochs{eta}", flush=True)

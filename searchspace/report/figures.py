@@ -231,6 +231,28 @@ def fig_confusion(cm: np.ndarray, names: list[str], title: str) -> bytes:
     return png(fig)
 
 
+def fig_error_overlap(overlap: np.ndarray, ids: list[str], kinds: list[str]) -> bytes | None:
+    """The share of images each pair of candidates gets wrong together (the diagonal: each one's error rate)."""
+    n = len(ids)
+    if n < 2:
+        return None
+    side = min(12.0, max(4.2, 0.45 * n + 2.2))
+    fig = Figure(figsize=(side + 1.0, side), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(overlap, cmap="Reds", vmin=0, vmax=max(float(overlap.max()), 1e-9))
+    if n <= 16:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{overlap[i, j]:.2f}", ha="center", va="center", fontsize=7 if n <= 10 else 5,
+                        color="white" if overlap[i, j] > 0.6 * overlap.max() else "black")
+    names = [f"{c} ({k})" for c, k in zip(ids, kinds)]
+    ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(n), names, fontsize=7)
+    ax.set_title("share of images both get wrong (diagonal: each one's error)", fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the images")
+    return png(fig)
+
+
 def fig_recall(cm: np.ndarray, names: list[str]) -> bytes:
     support = cm.sum(1)
     recall = np.divide(np.diag(cm), support, out=np.zeros(len(names)), where=support > 0)

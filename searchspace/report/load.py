@@ -15,6 +15,8 @@ import pandas as pd
 from core import experiment as contract
 from core import storage
 from core.errors import BadInput
+from core.metrics import METRICS
+from ensemble_builder.stacking import stacked_proba
 
 # trials.parquet columns that are results, not hyperparameters.
 RESULT_COLUMNS = {"trial_id", "metric", "best_score", "best_epoch", "epochs_run", "stopped_early",
@@ -106,8 +108,9 @@ def read_results(location: str, files: list[str]) -> tuple[pd.DataFrame, pd.Data
     return curves.reset_index(drop=True), pd.DataFrame(crossfit, columns=["trial_id", "seconds", "epochs"])
 
 
-def blended_oof(exp: Experiment, members: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, weighted mean probabilities) over the samples every member predicted, by sample_id."""
+def blended_oof(exp: Experiment, members: list[dict], stacking: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, the members' blend) over the samples every member predicted, by sample_id: their weighted
+    mean, or the ``stacking`` model of ensemble.json on their probabilities."""
     store = exp.store
     index = store.folds()
     tables, weights = [], []
@@ -120,10 +123,63 @@ def blended_oof(exp: Experiment, members: list[dict]) -> tuple[np.ndarray, np.nd
         weights.append(float(m["weight"]))
     common = set.intersection(*(set(t.column("sample_id").to_pylist()) for t in tables))
     order = [s for s in index["sample_id"] if s in common]
-    w = np.array(weights) / sum(weights)
-    P = sum(wi * contract.aligned(t, order) for wi, t in zip(w, tables))
+    if stacking:
+        P = stacked_proba(stacking, {m["candidate"]: contract.aligned(t, order) for m, t in zip(members, tables)})
+    else:
+        w = np.array(weights) / sum(weights)
+        P = sum(wi * contract.aligned(t, order) for wi, t in zip(w, tables))
     y = index.set_index("sample_id").loc[order, "label"].to_numpy()
     return y, P
+
+
+def candidate_pool(exp: Experiment) -> tuple[pd.DataFrame, np.ndarray]:
+    """The candidates ``select`` chose among (all of them before it ran), one row each: kind, what it is,
+    out-of-fold score, what it cost (seconds of training or fitting, every fold), its weight in the ensemble;
+    and the share of images each pair gets wrong together, over the images every candidate predicted."""
+    store = exp.store
+    ids = list((exp.ensemble or {}).get("candidates") or store.candidate_ids())
+    weights = {m["candidate"]: float(m["weight"]) for m in (exp.ensemble or {}).get("members", [])}
+    labels = store.folds().set_index("sample_id")["label"]
+    trial_seconds = exp.trials.set_index("trial_id")["seconds"].to_dict() if "seconds" in exp.trials else {}
+    score = METRICS[exp.metric].fn
+    rows, wrong, common = [], {}, None
+    for cid in ids:
+        candidate = store.candidate(cid)
+        if not candidate.has_oof():
+            continue
+        oof = candidate.oof()
+        order = oof.column("sample_id").to_pylist()
+        P, y = contract.probs_array(oof), labels.loc[order].to_numpy()
+        config = candidate.config()
+        rows.append(dict(candidate=cid, kind=config.get("kind", "network"),
+                         model=f"{config.get('arch') or 'pixels'}@{config.get('image_size', '?')}",
+                         images=len(order), score=float(score(y, P)),
+                         seconds=_cost(candidate, config, trial_seconds), weight=weights.get(cid, 0.0)))
+        wrong[cid] = pd.Series(P.argmax(1) != y, index=order)
+        common = set(order) if common is None else common & set(order)
+    table = pd.DataFrame(rows, columns=["candidate", "kind", "model", "images", "score", "seconds", "weight"])
+    shared = [s for s in labels.index if s in (common or set())]
+    W = np.array([wrong[c].loc[shared].to_numpy() for c in table["candidate"]], float) if shared else np.zeros((0, 0))
+    overlap = W @ W.T / len(shared) if shared else np.zeros((len(table), len(table)))
+    return table, overlap
+
+
+def _cost(candidate, config: dict, trial_seconds: dict) -> float | None:
+    """Seconds a candidate cost: a classical member's fit (every fold), or its networks' fold jobs (fold 0 may
+    be its search trial's, which recorded its own seconds)."""
+    if config.get("seconds") is not None:
+        return float(config["seconds"])
+    if not candidate.exists():
+        return trial_seconds.get(candidate.cid)
+    total = 0.0
+    for record in candidate.members()["members"]:
+        seconds = record.get("seconds")
+        if seconds is None:
+            seconds = trial_seconds.get(candidate.cid.removeprefix("cv-"))
+        if seconds is None:
+            return None
+        total += float(seconds)
+    return total
 
 
 # --- hyperparameter columns ----------------------------------------------------------

@@ -16,6 +16,7 @@ from searchspace.report.load import (
     Experiment,
     asha_savings,
     blended_oof,
+    candidate_pool,
     cv_score,
     hyperparameters,
     is_text,
@@ -86,7 +87,7 @@ def predictions(exp: Experiment) -> Predictions:
             members, subject = [dict(candidate=best[0], weight=1.0)], f"the best trial ({best[0]}, holdout fold)"
     if not members:
         return Predictions(subject, names)
-    y, P = blended_oof(exp, members)
+    y, P = blended_oof(exp, members, (ens or {}).get("stacking"))
     if not names:
         names = [str(i) for i in range(P.shape[1])]
     cm = np.zeros((len(names), len(names)), int)
@@ -206,7 +207,7 @@ def ensemble_section(page: Page, shown: Predictions) -> str:
         selection = ("<p class='note'>No ensemble yet: run <code>python -m ensemble_builder select --experiment "
                      f"{esc(exp.location)}</code>, then build this report again."
                      + (f" Until then the figures below show {esc(shown.subject)}." if shown.members else "") + "</p>")
-    return lines("<h2>Ensemble</h2>", selection, per_class_part(page, shown))
+    return lines("<h2>Ensemble</h2>", selection, candidates_part(page), per_class_part(page, shown))
 
 
 def selection_part(page: Page) -> str:
@@ -229,6 +230,28 @@ def selection_part(page: Page) -> str:
                  + ("cross-fitted: every training image" if ens.get("full_coverage") else "holdout fold only")
                  + f"; {len(ens.get('candidates', []))} candidate(s), top {esc(ens.get('top', '?'))}, "
                  f"{esc(ens.get('steps', '?'))} steps.</p></div></div>")
+
+
+def candidates_part(page: Page) -> str:
+    """Every candidate the selection chose among: its kind, out-of-fold score, cost and weight, and how
+    the candidates' errors overlap; "" when there are no candidates."""
+    pool, overlap = candidate_pool(page.exp)
+    if pool.empty:
+        return ""
+    metric = page.exp.metric
+    rows = [{"candidate": r.candidate, "kind": r.kind, "model": r.model, f"{metric} (out of fold)": r.score,
+             "images": r.images, "cost": duration(r.seconds), "weight": round(r.weight, 4)} for r in pool.itertuples()]
+    stacked = (page.exp.ensemble or {}).get("stacking")
+    note = (" The ensemble is a stacker (a logistic regression on the candidates' log-probabilities): a weight is "
+            "each input's share of its coefficients." if stacked else "")
+    return lines("<h3>Candidates</h3><div class='row'><div>" + table(rows, left={"candidate", "kind", "model"})
+                 + f"<p class='muted'>Cost: seconds of training or fitting over every fold.{note}</p></div>",
+                 page.figure("error_overlap.png", figures.fig_error_overlap(overlap, pool["candidate"].tolist(),
+                                                                           pool["kind"].tolist()),
+                             "How the candidates' errors overlap: the share of the training images (out of fold) "
+                             "that both of a pair get wrong. Low values off the diagonal mean complementary "
+                             "candidates.", "error overlap"),
+                 "</div>")
 
 
 def per_class_part(page: Page, shown: Predictions) -> str:

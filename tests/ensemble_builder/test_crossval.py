@@ -280,7 +280,7 @@ def write_experiment(root, P: np.ndarray, y: np.ndarray, folds: np.ndarray, cove
 def test_select_prints_the_estimate_first_and_writes_both(tmp_path, capsys):
     P, y = independent(m=6, n=300)
     exp = write_experiment(tmp_path / "exp", P, y, np.arange(300) % 5)
-    assert main(["select", "--experiment", str(exp)]) == 0
+    assert main(["select", "--experiment", str(exp), "--metric", "accuracy"]) == 0
     out = capsys.readouterr().out
     head = out.index("cross-validated accuracy (the experiment's 5 folds")
     assert head < out.index("members:") < out.index("in-sample out-of-fold scores, optimistic")
@@ -303,7 +303,7 @@ def test_select_prints_the_estimate_first_and_writes_both(tmp_path, capsys):
 def test_select_falls_back_and_says_so(tmp_path, capsys):
     P, y = one_strong()
     exp = write_experiment(tmp_path / "exp", P, y, np.arange(len(y)) % 5)
-    assert main(["select", "--experiment", str(exp)]) == 0
+    assert main(["select", "--experiment", str(exp), "--metric", "accuracy"]) == 0
     out = capsys.readouterr().out
     assert "ensemble (= best single)" in out
     assert "fell back to the best single candidate (c3): no blend beat it under cross-validation" in out
@@ -311,7 +311,7 @@ def test_select_falls_back_and_says_so(tmp_path, capsys):
     assert report["cv"]["fallback"] is True and report["members"] == [{"candidate": "c3", "weight": 1.0}]
 
     # --no-auto: the flags as given, no fallback; the estimate is still the headline
-    assert main(["select", "--experiment", str(exp), "--no-auto", "--steps", "20"]) == 0
+    assert main(["select", "--experiment", str(exp), "--metric", "accuracy", "--no-auto", "--steps", "20"]) == 0
     out = capsys.readouterr().out
     assert "settings as given (--no-auto): 20 steps" in out and "cross-validated accuracy" in out
     report = json.loads((exp / "ensemble" / "ensemble.json").read_text())
@@ -338,7 +338,7 @@ def test_holdout_only_candidates_use_random_stratified_splits(tmp_path, capsys):
     P, y = independent(m=5, n=250)
     folds = np.arange(250) % 5
     exp = write_experiment(tmp_path / "exp", P, y, folds, covered=folds == 0)
-    assert main(["select", "--experiment", str(exp), "--top", "3"]) == 0
+    assert main(["select", "--experiment", str(exp), "--metric", "accuracy", "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "holdout fold only" in out
     assert "5 random stratified splits of these 50 images (the candidates cover one fold only)" in out
@@ -363,12 +363,25 @@ def test_out_of_range_numbers_are_one_line_and_exit_2(tmp_path, capsys, flags, w
     assert not (exp / "ensemble").exists()
 
 
+def test_the_default_objective_is_log_loss_and_the_task_metric_is_reported(tmp_path, capsys):
+    P, y = independent(m=6, n=300)
+    exp = write_experiment(tmp_path / "exp", P, y, np.arange(300) % 5)   # a task whose metric is accuracy
+    assert main(["select", "--experiment", str(exp)]) == 0
+    out = capsys.readouterr().out
+    assert "cross-validated log_loss (the experiment's 5 folds" in out and "(a reduction: lower is better)" in out
+    report = json.loads((exp / "ensemble" / "ensemble.json").read_text())
+    assert report["metric"] == "log_loss"
+    assert {"accuracy", "log_loss"} <= set(report["cv"]["estimate"]["ensemble"]["scores"])
+    chosen = min(report["cv"]["settings"], key=lambda s: s["scores"]["log_loss"])   # chosen on log loss
+    assert report["cv"]["chosen"]["name"] == chosen["name"]
+
+
 def test_report_shows_the_estimate_as_the_headline(tmp_path, capsys):
     from searchspace.report import cv_score, cv_section, fig_trajectory
 
     P, y = independent(m=6, n=300)
     exp = write_experiment(tmp_path / "exp", P, y, np.arange(300) % 5)
-    assert main(["select", "--experiment", str(exp)]) == 0
+    assert main(["select", "--experiment", str(exp), "--metric", "accuracy"]) == 0
     ens = json.loads((exp / "ensemble" / "ensemble.json").read_text())
     est = ens["cv"]["estimate"]["ensemble"]
     assert cv_score(ens, "ensemble") == (est["scores"]["accuracy"], est["std"])

@@ -113,7 +113,7 @@ def test_large_experiments_select_on_float16_end_to_end(tmp_path, monkeypatch, c
     monkeypatch.setattr(cands, "FLOAT16_ABOVE", P.nbytes - 1)   # this experiment counts as large
     sel = ensemble.select(exp.location)
     assert sel.candidates.P.dtype == np.float16
-    expect = SelectionCV("accuracy", max_members=5, top=5).fit(P.astype(np.float16).astype(np.float32), y,
+    expect = SelectionCV("log_loss", max_members=5, top=5).fit(P.astype(np.float16).astype(np.float32), y,
                                                               np.arange(len(y)) % 5)
     assert np.array_equal(sel.selector.weights_, expect.selector_.weights_) and sel.cv_gain == expect.gain_
     report = json.loads(open(exp.ensemble_file()).read())

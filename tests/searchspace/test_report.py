@@ -28,7 +28,8 @@ from ensemble_builder.__main__ import main as ensemble_main
 from searchspace.report import main
 
 FIGURES = ["learning_curves.png", "hyperparameters.png", "importances.png", "arch_size_grid.png",
-           "ensemble_trajectory.png", "confusion_matrix.png", "per_class_recall.png", "time_per_trial.png"]
+           "ensemble_trajectory.png", "confusion_matrix.png", "per_class_recall.png", "time_per_trial.png",
+           "error_overlap.png"]
 CHROMIUM = Path("/usr/bin/chromium")
 
 
@@ -175,6 +176,34 @@ def test_ensemble_and_asha_numbers(report, experiment):
     saved = full - int(trials["epochs_run"].sum())
     asha = next(t for t in parse(report / "index.html").tables if t[0][:2] == ["", "run"])
     assert asha[1][:4] == ["trial-epochs", str(full - saved), str(full), str(saved)]
+
+
+def test_the_candidates_table_and_their_error_overlap(report, experiment):
+    """Each candidate the selection chose among: kind, out-of-fold score, cost and weight, and the share of
+    images each pair gets wrong together, checked against a direct computation from the files."""
+    import numpy as np
+
+    from core.experiment import Experiment as Contract
+    from core.experiment import aligned
+    from searchspace.report.load import candidate_pool, load
+
+    ens = json.loads((experiment / "ensemble" / "ensemble.json").read_text())
+    pool, overlap = candidate_pool(load(str(experiment)))
+    assert pool["candidate"].tolist() == ens["candidates"] and (pool["kind"] == "network").all()
+    store = Contract(str(experiment))
+    index = store.folds()
+    wrong = []
+    for row in pool.itertuples():
+        P = aligned(store.candidate(row.candidate).oof(), index["sample_id"].tolist())
+        hit = P.argmax(1) == index["label"].to_numpy()
+        assert row.score == pytest.approx(hit.mean()) and row.images == len(index)
+        assert row.weight == pytest.approx(sum(m["weight"] for m in ens["members"] if m["candidate"] == row.candidate))
+        assert row.seconds > 0   # every fold job's seconds (fold 0: its search trial's)
+        wrong.append(~hit)
+    W = np.array(wrong, float)
+    assert np.allclose(overlap, W @ W.T / len(index)) and np.allclose(np.diag(overlap), 1 - pool["score"])
+    table = next(t for t in parse(report / "index.html").tables if t[0][:2] == ["candidate", "kind"])
+    assert [r[0] for r in table[1:]] == pool["candidate"].tolist()
 
 
 def test_importances_come_from_the_search_study(experiment, tmp_path):

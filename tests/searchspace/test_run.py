@@ -270,8 +270,17 @@ def _probs(table: pa.Table) -> np.ndarray:
 
 
 def _progress_lines(out: str) -> list[str]:
-    """The Progress callback's status lines: '[   12s] 1 running, 2/3 finished (...) | best ...'."""
-    return [line for line in out.splitlines() if re.match(r"^\[\s*\d+s\] ", line)]
+    """The search's Progress callback's status lines: '[   12s] 1 running, 2/3 finished (...) | best ...' (the
+    final stage's own lines, '[    7s] final stage: ...', are FoldProgress's)."""
+    return [line for line in out.splitlines() if re.match(r"^\[\s*\d+s\] (?!final stage:)", line)]
+
+
+@pytest.mark.slow
+def test_the_final_stage_reports_its_fold_jobs_as_they_finish(tiny_experiment):
+    final = [line for line in tiny_experiment.stdout.splitlines() if re.match(r"^\[\s*\d+s\] final stage:", line)]
+    assert final, tiny_experiment.stdout[-2000:]
+    done = [tuple(map(int, re.search(r"(\d+)/(\d+) fold jobs done", line).groups())) for line in final]
+    assert done == sorted(done) and done[-1][0] == done[-1][1]   # counts up to every fold job
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from sklearn.metrics import classification_report, confusion_matrix
 
 from core import storage
 from core.errors import BadInput
-from core.experiment import DEFAULT_RUNS
+from core.experiment import DEFAULT_RUNS, newest
 from core.metrics import METRICS
 from ensemble_builder import ensemble
 from ensemble_builder.crossval import STEPS_GRID
@@ -101,9 +101,19 @@ def select(args) -> int:
 def predict(args) -> int:
     from ensemble_builder.prediction import predict as run_members  # loads torch: only when predicting
 
-    out = run_members(args.experiment, args.images, tta=not args.no_tta, cache_dir=args.cache_dir)
+    out = run_members(args.experiment, args.images, tta=not args.no_tta, cache_dir=args.cache_dir, model=args.model)
     storage.write_bytes(storage.absolute(args.out), out.to_csv(index=False, float_format="%.6f").encode())
     print(f"predicted {len(out)} image(s) with {out.attrs['models']} model(s); wrote {args.out}")
+    return 0
+
+
+def distill(args) -> int:
+    from searchspace.config import Resources
+    from searchspace.distill import distill as run  # loads torch and Ray: only when distilling
+
+    res = Resources(cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial).check()
+    experiment = args.experiment or newest(storage.absolute(args.runs))
+    run(experiment, args.student, args.image_size, args.epochs, args.temperature, args.alpha, res)
     return 0
 
 
@@ -117,7 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--runs", default=DEFAULT_RUNS, help="where to look for the newest experiment (default: ./runs)")
     s.add_argument("--top", type=int, default=5, help="keep at most this many distinct members (default: 5)")
     s.add_argument("--metric", choices=sorted(METRICS),
-                   help="objective (default: the task's metric); ties break on log loss")
+                   help="the selection's objective (default: log_loss, whatever the task's metric: a proper "
+                        "scoring rule, steadier than accuracy on a few thousand images; every metric is reported)")
     s.add_argument("--steps", type=int, help="greedy steps, picks with replacement (default: chosen by "
                    f"cross-validation from {', '.join(map(str, STEPS_GRID))})")
     s.add_argument("--init", type=int, default=1, help="start from the best N candidates (sorted initialisation)")
@@ -135,7 +146,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--out", required=True, help="CSV to write: image, label, one probability per class")
     r.add_argument("--no-tta", action="store_true", help="no horizontal-flip test-time augmentation")
     r.add_argument("--cache-dir", help="image cache folder (default: the node cache)")
+    r.add_argument("--model", choices=("ensemble", "student"), default="ensemble",
+                   help="the shipped ensemble (default), or the distilled student alone (after distill)")
     r.set_defaults(handler=predict)
+    d = sub.add_parser("distill", help="train one student network on the ensemble's soft targets: one model to "
+                                       "deploy, with its size, speed and an honest score")
+    d.add_argument("--experiment", help="experiment folder or URI with an ensemble (default: the newest under --runs)")
+    d.add_argument("--runs", default=DEFAULT_RUNS, help="where to look for the newest experiment (default: ./runs)")
+    d.add_argument("--student", help="timm architecture of the student (default: the experiment's architecture "
+                                     "with the fewest parameters)")
+    d.add_argument("--image-size", type=int, help="the student's image size (default: the best network's, or the "
+                                                  "student architecture's largest searched size)")
+    d.add_argument("--epochs", type=int, help="training length (default: the final models' length)")
+    d.add_argument("--temperature", type=float, default=2.0, help="softens the ensemble's probabilities (default: 2)")
+    d.add_argument("--alpha", type=float, default=0.7,
+                   help="weight of the soft targets against the hard labels, 0 to 1 (default: 0.7)")
+    d.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per student job (default: 1)")
+    d.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per student job (default: 0)")
+    d.set_defaults(handler=distill)
     return p.parse_args(argv)
 
 

@@ -20,12 +20,18 @@ from trainer.images import IMAGE_SUFFIXES, scan
 from trainer.inference import load_model, predict_probs
 
 
-def predict(experiment: str, images: str, tta: bool = True, cache_dir: str | None = None) -> pd.DataFrame:
-    """The ensemble's members (every fold model) on a folder of images: image, label, p_<class>..."""
+def predict(experiment: str, images: str, tta: bool = True, cache_dir: str | None = None,
+            model: str = "ensemble") -> pd.DataFrame:
+    """The ensemble's members (every fold model) on a folder of images: image, label, p_<class>...;
+    ``model="student"``: the distilled student alone."""
     exp = Experiment(storage.absolute(experiment))
     if not exp.has_ensemble():
         raise BadInput(f"{exp.location}: no ensemble/ensemble.json; run `python -m ensemble_builder select` first")
     meta, record = exp.meta(), exp.ensemble()
+    if model == "student":
+        if not record.get("student"):
+            raise BadInput(f"{exp.location}: no student; run `python -m ensemble_builder distill` first")
+        record = dict(members=[dict(candidate=record["student"]["candidate"], weight=1.0)])
     members = [(m["candidate"], m["weight"]) for m in record["members"]]
     for cid, _ in members:
         check_member(exp, cid)

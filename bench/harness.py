@@ -5,6 +5,8 @@ Importing it puts the repository on ``sys.path`` (``_common``) so the project im
 """
 from __future__ import annotations
 
+import argparse
+import glob
 import json
 import os
 import shlex
@@ -131,6 +133,31 @@ def score_experiment(location: str, info: dict) -> dict:
     return dict(**scores(labels(info, exp.meta()["class_names"], order), P),
                 members=[(m["candidate"], round(m["weight"], 3)) for m in record["members"]],
                 setting=record["cv"]["chosen"]["name"], cv_gain=record["cv"]["gain"])
+
+
+def by_cell(rows: list[dict]) -> list[tuple[tuple[str, float], list[dict]]]:
+    """Saved results grouped by (dataset, budget in minutes), in order: one table row per cell, over seeds."""
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((r["dataset"], r["budget_min"]), []).append(r)
+    return sorted(cells.items())
+
+
+def over_cells(doc: str, cell, out: str, key: str, title: str, table, datasets: str) -> None:
+    """The CLI of a benchmark over (dataset, seed) cells at one budget: run the missing ones (``cell(name, seed,
+    minutes)`` saves its JSON under ``out``), then report the table over every saved cell."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--datasets", default=datasets)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--minutes", type=float, default=6.0, help="the time budget of the pipeline runs")
+    ap.add_argument("--report-only", action="store_true")
+    a = ap.parse_args()
+    if not a.report_only:
+        for seed in map(int, a.seeds.split(",")):
+            for name in a.datasets.split(","):
+                cell(name, seed, a.minutes)
+    rows = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "*.json")))]
+    report(key, title, table(rows))
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:

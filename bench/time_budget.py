@@ -6,8 +6,9 @@ For each dataset, seed and budget B, side by side in one run (alternating which 
   (search, final stage, selection and submission inside B), scored on the held-out test labels;
 - the simplest alternative, in a child process of its own with the same B: the task's default
   recipe on one architecture (the first of ARCHS), trained on every training image for as many
-  epochs as fit (one timed epoch first, then a fresh model for the rest of the time, cosine to the
-  end), predicting the test images with flip TTA where the task uses it. It uses every core.
+  epochs as fit (two epochs of a throw-away model first, the second timed, then a fresh model for the
+  rest of the time, cosine to the end), predicting the test images with flip TTA where the task uses
+  it. It uses every core.
 
 Both start cold (their own empty image cache) and count their imports, the data check and the
 test predictions. Reported: test accuracy and log loss of both, the wall time each used, how the
@@ -64,9 +65,11 @@ def baseline(a) -> None:
     test = p.experiment.test()
     images = cached_images(test["path"].tolist(), p.ctx.test_key, recipe["image_size"], recipe["resize_mode"],
                            p.ctx.cache_dir)
-    # one timed epoch (its weights thrown away) says how many fit in what is left
+    # two epochs of a throw-away model: the second, warmed up (loader workers, kernels), says how many fit
+    probe = Run(recipe, p.ctx, fold=None, epochs=2)
+    probe.train_epoch()
     t0 = time.time()
-    Run(recipe, p.ctx, fold=None, epochs=1).train_epoch()
+    probe.train_epoch()
     t1 = time.time()
     epoch_s = t1 - t0
     left = deadline - t1 - 2 * epoch_s * len(test) / max(1, len(p.experiment.folds()))   # the test predictions
@@ -85,10 +88,33 @@ def baseline(a) -> None:
 
 # --- one cell ------------------------------------------------------------------------------
 
+def run_pipeline(name: str, seed: int, budget: float, work: str, run_name: str = "pipeline",
+                 extra: tuple = ()) -> dict:
+    """``searchspace.run`` under ``--time-budget`` on a dataset; its wall time, and the shipped ensemble's test
+    scores and the budget's split when it ended with one."""
+    from core.experiment import Experiment
+
+    spec, info = harness.DATASETS[name], harness.dataset(name)
+    cmd = [sys.executable, "-m", "searchspace.run", spec["task"], "--data", info["folder"], "--archs", ARCHS,
+           "--image-sizes", SIZES, "--time-budget", f"{budget:g}", "--seed", str(seed), "--storage", work,
+           "--name", run_name, "--cache-dir", os.path.join(work, f"cache-{run_name}"), "--weights-dir",
+           harness.weights(), *([] if spec["tta"] else ["--no-tta"]), *extra]
+    r = harness.run(cmd, os.path.join(work, f"{run_name}.log"), timeout=budget * 2 + 300)
+    res = dict(seconds=r["seconds"], rc=r["rc"], cmd=r["cmd"], location=os.path.join(work, run_name))
+    exp = Experiment(res["location"])
+    if r["rc"] == 0 and exp.has_ensemble():
+        res.update(harness.score_experiment(exp.location, info))
+        clock, trials = exp.clock(), exp.trials()
+        res.update(search_until_s=clock["state"].get("search_until_s"), final_stage_s=clock["state"].get(
+            "final_stage_s"), plan=exp.meta().get("final_plan") or {}, trials=len(trials),
+            folds=exp.meta()["folds"], completed=int(trials["completed"].sum()))
+    return res
+
+
 def cell(name: str, seed: int, minutes: float, first: str) -> dict:
     import numpy as np
 
-    from core.experiment import Experiment, aligned
+    from core.experiment import aligned
     from core.storage import read_parquet
 
     spec = harness.DATASETS[name]
@@ -101,22 +127,7 @@ def cell(name: str, seed: int, minutes: float, first: str) -> dict:
     tta = [] if spec["tta"] else ["--no-tta"]
 
     def pipeline():
-        cmd = [sys.executable, "-m", "searchspace.run", spec["task"], "--data", info["folder"], "--archs", ARCHS,
-               "--image-sizes", SIZES, "--time-budget", f"{budget:g}", "--seed", str(seed), "--storage", work,
-               "--name", "pipeline",
-               "--cache-dir", os.path.join(work, "cache-pipeline"), "--weights-dir", harness.weights(), *tta]
-        r = harness.run(cmd, os.path.join(work, "pipeline.log"), timeout=budget * 2 + 300)
-        res = dict(seconds=r["seconds"], rc=r["rc"], cmd=r["cmd"])
-        location = os.path.join(work, "pipeline")
-        if r["rc"] == 0 and Experiment(location).has_ensemble():
-            res.update(harness.score_experiment(location, info))
-            clock = Experiment(location).clock()
-            plan = Experiment(location).meta().get("final_plan") or {}
-            trials = Experiment(location).trials()
-            res.update(search_until_s=clock["state"].get("search_until_s"), final_stage_s=clock["state"].get(
-                "final_stage_s"), plan=plan, trials=len(trials), folds=Experiment(location).meta()["folds"],
-                completed=int(trials["completed"].sum()))
-        out["pipeline"] = res
+        out["pipeline"] = run_pipeline(name, seed, budget, work)
 
     def simplest():
         target = os.path.join(work, "baseline.parquet")
@@ -137,6 +148,7 @@ def cell(name: str, seed: int, minutes: float, first: str) -> dict:
 
     for step in ((pipeline, simplest) if first == "pipeline" else (simplest, pipeline)):
         step()
+        out.setdefault("load_after", {})[step.__name__] = round(os.getloadavg()[1], 2)   # 5-minute load average
     harness.save_json(os.path.join(OUT, f"{tag}.json"), out)
     p, b = out["pipeline"], out["baseline"]
     print(f"{tag}: pipeline {p.get('accuracy', float('nan')):.4f} in {p['seconds']:.0f} s, "
@@ -151,13 +163,8 @@ def load_results() -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    from collections import defaultdict
-
-    cells = defaultdict(list)
-    for r in rows:
-        cells[(r["dataset"], r["budget_min"])].append(r)
     lines = []
-    for (name, minutes), rs in sorted(cells.items()):
+    for (name, minutes), rs in harness.by_cell(rows):
         ok = [r for r in rs if "accuracy" in r["pipeline"] and "accuracy" in r["baseline"]]
         if not ok:
             continue
@@ -172,7 +179,7 @@ def table(rows: list[dict]) -> str:
         split = "; ".join(f"K={r['pipeline'].get('folds')}, {len(pl_.get('configs', []))}x{pl_.get('epochs')} ep "
                           f"(searched {pl_.get('searched_epochs')}), {r['pipeline'].get('trials')} trials"
                           for r, pl_ in zip(ok, plans))
-        beats = "yes" if diff > ds and diff > 0 else "no"
+        beats = ("n/a (1 seed: no spread)" if len(ok) < 2 else "yes" if diff > ds and diff > 0 else "no")
         lines.append([name, f"{minutes:g}", len(ok), f"{pa:.4f} ± {ps:.4f}", f"{ba:.4f} ± {bs:.4f}",
                       f"{diff:+.4f} ± {ds:.4f}", beats, f"{pl:.3f}", f"{bl:.3f}", f"{pt:.0f}", f"{bt:.0f}",
                       ", ".join(str(r["baseline"].get("epochs")) for r in ok), split])
@@ -226,13 +233,15 @@ def main() -> None:
     ap.add_argument("--budgets", default="3,6,12,24", help="minutes")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--redo", action="store_true", help="run cells that already have a result again")
     a = ap.parse_args()
     if not a.report_only:
         k = 0
         for seed in map(int, a.seeds.split(",")):
             for minutes in map(float, a.budgets.split(",")):
                 for name in a.datasets.split(","):
-                    cell(name, seed, minutes, "pipeline" if k % 2 == 0 else "baseline")
+                    if a.redo or not os.path.exists(os.path.join(OUT, f"{name}-s{seed}-{minutes:g}m.json")):
+                        cell(name, seed, minutes, "pipeline" if k % 2 == 0 else "baseline")
                     k += 1
     rows = load_results()
     figure = os.path.join(harness.REPO, "docs", "time-budget.png")

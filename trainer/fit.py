@@ -177,7 +177,7 @@ class Run:
         self.model = model.to(memory_format=self.dev.memory_format())
         self.mean, self.std = norm_stats(model, device)
         if teacher is not None:
-            self.labels_on_device = torch.from_numpy(self.labels).to(device)
+            self.labels_on_device = torch.as_tensor(np.array(self.labels)).to(device)   # a copy: the index is read-only
             self.soft_targets = torch.from_numpy(teacher.softened()).to(device)
         self.loss_weights = class_weights(self.labels[self.train_rows], self.num_classes,
                                           r.class_weight_power).to(device)

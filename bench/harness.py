@@ -166,6 +166,13 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
+def spread_cell(values: list[float], digits: int = 4, sign: bool = False) -> str:
+    """'mean ± sd' over seeds; for one seed the mean alone: a spread of 0 would claim a precision never measured."""
+    m, sd = mean_spread(values)
+    head = f"{m:+.{digits}f}" if sign else f"{m:.{digits}f}"
+    return head if len(values) < 2 else f"{head} ± {sd:.{digits}f}"
+
+
 def save_json(path: str, obj) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -168,8 +168,6 @@ def table(rows: list[dict]) -> str:
         ok = [r for r in rs if "accuracy" in r["pipeline"] and "accuracy" in r["baseline"]]
         if not ok:
             continue
-        pa, ps = harness.mean_spread([r["pipeline"]["accuracy"] for r in ok])
-        ba, bs = harness.mean_spread([r["baseline"]["accuracy"] for r in ok])
         diff, ds = harness.mean_spread([r["pipeline"]["accuracy"] - r["baseline"]["accuracy"] for r in ok])
         pl = harness.mean_spread([r["pipeline"]["log_loss"] for r in ok])[0]
         bl = harness.mean_spread([r["baseline"]["log_loss"] for r in ok])[0]
@@ -180,8 +178,11 @@ def table(rows: list[dict]) -> str:
                           f"(searched {pl_.get('searched_epochs')}), {r['pipeline'].get('trials')} trials"
                           for r, pl_ in zip(ok, plans))
         beats = ("n/a (1 seed: no spread)" if len(ok) < 2 else "yes" if diff > ds and diff > 0 else "no")
-        lines.append([name, f"{minutes:g}", len(ok), f"{pa:.4f} ± {ps:.4f}", f"{ba:.4f} ± {bs:.4f}",
-                      f"{diff:+.4f} ± {ds:.4f}", beats, f"{pl:.3f}", f"{bl:.3f}", f"{pt:.0f}", f"{bt:.0f}",
+        lines.append([name, f"{minutes:g}", len(ok), harness.spread_cell([r["pipeline"]["accuracy"] for r in ok]),
+                      harness.spread_cell([r["baseline"]["accuracy"] for r in ok]),
+                      harness.spread_cell([r["pipeline"]["accuracy"] - r["baseline"]["accuracy"] for r in ok],
+                                          sign=True),
+                      beats, f"{pl:.3f}", f"{bl:.3f}", f"{pt:.0f}", f"{bt:.0f}",
                       ", ".join(str(r["baseline"].get("epochs")) for r in ok), split])
     return harness.md_table(
         ["dataset", "budget (min)", "seeds", "pipeline acc", "alternative acc", "difference", "beats by > spread",

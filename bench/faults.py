@@ -25,6 +25,7 @@ OUT = os.path.join(harness.RESULTS, "faults.json")
 DIST = "tests/test_distributed.py::"
 FAULTS = {   # the fault -> the test that injects it and checks what survives
     "lost_node": DIST + "test_a_lost_node_s_trial_continues_elsewhere_from_its_checkpoint",
+    "killed_worker": DIST + "test_a_killed_worker_s_trial_continues_from_its_checkpoint",
     "killed_driver_resume": DIST + "test_a_killed_driver_resumes_without_rerunning_finished_trials",
     "killed_at_checkpoint_write": DIST + "test_a_trial_whose_checkpoint_was_replaced_at_the_kill_starts_again",
     "killed_budgeted_search": DIST + "test_a_budgeted_search_killed_and_resumed_goes_on_with_the_rest_of_its_budget",

@@ -11,7 +11,7 @@ tests/__init__.py, a tests/trainer/__init__.py would make ``import trainer``
 find the test folder instead of the package.
 
 - ``pytest_configure``: HOME, the caches and Ray's auth token inside pytest's
-  tmp dir, so the suite writes nothing outside it.
+  tmp dir, so the suite writes nothing outside it; Ray's workers at nice 0.
 - ``pytest_collection_modifyitems``: a test that uses a fixture in
   ``RAY_FIXTURES`` (it starts Ray or runs a search) is marked ``slow``, so
   ``pytest -m "not slow"`` starts no Ray.
@@ -70,6 +70,11 @@ def pytest_configure(config):
     token.chmod(0o600)
     os.environ.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), MPLCONFIGDIR=str(home / ".matplotlib"),
                       RAY_AUTH_TOKEN_PATH=str(token))
+    # Ray starts its workers at nice 15. On a machine kept busy at nice 0 (CI beside another job,
+    # bench/faults.py's busy loops) the trials then get a sliver of a core: a 46 s fault test took 381 s.
+    # At nice 0 the load slows every process of a test alike, driver and trials, which is the load the
+    # fault tests are meant to survive.
+    os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 def pytest_collection_modifyitems(config, items):

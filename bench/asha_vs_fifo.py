@@ -21,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (puts the repository on sys.path)
+import harness  # noqa: E402
 
 SCRIPT = "asha_vs_fifo"
 
@@ -68,10 +68,10 @@ def main() -> None:
     archs = architectures(digits, args.archs, args.image_sizes)
     sizes = sorted({s for v in archs.values() for s in v})
     t0 = time.perf_counter()
-    _common.prepare_digits_cache(cache_dir, digits.BUDGET.folds, a.seed, sizes)
+    harness.prepare_digits_cache(cache_dir, digits.BUDGET.folds, a.seed, sizes)
     print(f"digits data and cache ({sizes} px x 3 resize modes) ready in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    _common.start_ray()
+    harness.start_ray()
     if not a.no_warmup:
         # Ray's first Tuner pays for worker start-up and imports; without this
         # the first timed run (ASHA) would carry that cost alone.
@@ -102,11 +102,11 @@ def main() -> None:
     asha, full = runs
     rows = [[r["label"], r["trials"], r["epochs"], r["stopped"], r["failed"], f"{r['wall']:.0f}",
              f"{r['trial_s']:.0f}", f"{r['best']:.4f}"] for r in runs]
-    body = _common.md_table(["run", "trials", "trial-epochs", "stopped early", "failed", "wall s",
+    body = harness.md_table(["run", "trials", "trial-epochs", "stopped early", "failed", "wall s",
                              "sum of trial s", "best holdout accuracy"], rows)
     epochs_ratio = full["epochs"] / max(1, asha["epochs"])
     acc_ratio = asha["best"] / full["best"] if full["best"] else float("nan")
-    body += "\n\n" + _common.md_table(
+    body += "\n\n" + harness.md_table(
         ["no stopping / ASHA", "trial-epochs", "wall time", "sum of trial s", "ASHA best / no-stopping best"],
         [["ratio", f"{epochs_ratio:.2f}x", f"{full['wall'] / asha['wall']:.2f}x",
           f"{full['trial_s'] / max(1e-9, asha['trial_s']):.2f}x", f"{acc_ratio:.2%}"]])
@@ -125,10 +125,10 @@ def main() -> None:
         "need not reach the same accuracy twice (two trials share the CPUs, so thread timing differs): "
         "compare over repeated runs",
         f"target >= 3x fewer trial-epochs at >= 99% of the no-stopping best accuracy: "
-        f"{epochs_ratio:.2f}x, {acc_ratio:.2%}: {_common.met(epochs_ratio >= 3 and acc_ratio >= 0.99)}",
+        f"{epochs_ratio:.2f}x, {acc_ratio:.2%}: {harness.met(epochs_ratio >= 3 and acc_ratio >= 0.99)}",
         f"experiments: {storage_root}",
     ]
-    _common.report(SCRIPT, "ASHA against no early stopping (digits)", body, notes)
+    harness.report(SCRIPT, "ASHA against no early stopping (digits)", body, notes)
 
 
 if __name__ == "__main__":

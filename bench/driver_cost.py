@@ -58,7 +58,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (puts the repository on sys.path)
+import harness  # noqa: E402
 
 SCRIPT = "driver_cost"
 
@@ -294,7 +294,7 @@ def run(trials: list[int], workdir: str, per_class: int = 10, seed: int = 0,
             log = os.path.join(workdir, f"search-{n}-{variant}.log")
             with open(log, "w") as f:
                 proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", path],
-                                      stdout=f, stderr=subprocess.STDOUT, cwd=_common.REPO, env=os.environ.copy())
+                                      stdout=f, stderr=subprocess.STDOUT, cwd=harness.REPO, env=os.environ.copy())
             shutil.rmtree(ray_tmp, ignore_errors=True)
             with open(log) as f:
                 lines = f.read().splitlines()
@@ -336,11 +336,11 @@ def tables(rows: list[dict]) -> str:
             f"{1e3 * r['gcs_cpu'] / n:.0f} / {1e3 * r['raylet_cpu'] / n:.0f}",
             f"{r['trial_s']:.2f} / {r['trial_tail_s']:.2f}",
             " ".join(f"{x:.2f}" for x in r["load_start"]) + " -> " + " ".join(f"{x:.2f}" for x in r["load_end"])])
-    t1 = _common.md_table(
+    t1 = harness.md_table(
         ["N", "searcher", "driver CPU s per trial", "same, last 10 % of trials", "wall s per trial",
          "TPE suggest ms per trial (mean / last 10 %)", "Tune bookkeeping ms per trial", "collect s",
          "driver CPU per trial vs smallest N (mean / last 10 %)"], main)
-    t2 = _common.md_table(
+    t2 = harness.md_table(
         ["N", "searcher", "searcher ms CPU per trial (suggest + report + tell)", "progress line ms",
          "Tune state snapshots ms", "driver CPU outside the Tune loop ms (Ray threads, set-up)",
          "collect CPU s: ExperimentAnalysis / finish_search (collect)", "gcs_server / raylet ms CPU per trial",
@@ -385,7 +385,7 @@ def main() -> None:
         "CPU of TuneController.step minus the searcher and the progress callbacks; collect = wall seconds of "
         "ExperimentAnalysis + finish_search (trials.parquet, candidates, leaderboard)",
     ]
-    _common.report(SCRIPT, "Driver cost per trial as the search grows", tables(rows), notes)
+    harness.report(SCRIPT, "Driver cost per trial as the search grows", tables(rows), notes)
 
 
 if __name__ == "__main__":

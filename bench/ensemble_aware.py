@@ -39,8 +39,8 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (puts the repository on sys.path)
 import _real  # noqa: E402
+import harness  # noqa: E402
 import numpy as np  # noqa: E402
 import real_data  # noqa: E402
 
@@ -141,7 +141,7 @@ def table(rows: list[dict]) -> str:
                          mean_sd([r["ens_archs"] for r in g]), mean_sd([r["crossfit_archs"] for r in g]),
                          f"{sum(r['fallback'] for r in g)} of {len(g)}",
                          f"{sum(r['failed'] for r in g)} of {sum(r['trials'] for r in g)}"])
-    return _common.md_table(headers, body)
+    return harness.md_table(headers, body)
 
 
 def per_run(rows: list[dict]) -> str:
@@ -152,7 +152,7 @@ def per_run(rows: list[dict]) -> str:
              f(r.get("single_ll")), f(r.get("gain_acc")), r.get("ens_members", "-"), r.get("ens_archs", "-"),
              r.get("chosen", "-"), f(r.get("insample_gain")), f(r.get("cv_gain")), f"{r.get('seconds', 0):.0f}"]
             for r in rows]
-    return _common.md_table(headers, body)
+    return harness.md_table(headers, body)
 
 
 def paired(rows: list[dict]) -> str:
@@ -249,7 +249,7 @@ def main() -> None:
              "with the mean of its fold models; gain = ensemble minus that; log-loss gain = single minus ensemble",
              "mean ± sample std over seeds; a difference smaller than the spread is not a finding",
              f"results: {jsonl}"]
-    _common.report(SCRIPT, "Ensemble-aware search: four pipelines on held-out real images", body, notes)
+    harness.report(SCRIPT, "Ensemble-aware search: four pipelines on held-out real images", body, notes)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (puts the repository on sys.path)
+import harness  # noqa: E402
 import numpy as np  # noqa: E402
 
 SCRIPT = "ensemble_gain"
@@ -47,7 +47,7 @@ def run_search(a) -> str:
                         ("--image-sizes", a.image_sizes)):
         if value is not None:
             argv += [flag, str(value)]
-    _common.start_ray()
+    harness.start_ray()
     print(f"no --experiment: python -m searchspace.run {' '.join(argv)}", flush=True)
     t0 = time.perf_counter()
     rc = run.main(argv)
@@ -136,7 +136,7 @@ def main() -> None:
             T = np.tensordot(np.asarray(weights, np.float64), test[1], axes=1)
             row += [f"{accuracy(y_test, T):.4f}", f"{log_loss(y_test, T):.4f}"]
         rows.append(row)
-    body = _common.md_table(headers, rows)
+    body = harness.md_table(headers, rows)
     weights = ", ".join(f"{c.ids[i]} {sel.weights_[i]:.2f}" for i in members[np.argsort(-sel.weights_[members])])
     ens_P = sel.predict_proba(c.P)
     notes = [
@@ -156,7 +156,7 @@ def main() -> None:
     ]
     if m < a.top:
         notes.append(f"only {m} candidate(s): top {a.top} shrinks to {top}")
-    _common.report(SCRIPT, "Ensemble gain: best single vs uniform top-K vs greedy ensemble", body, notes)
+    harness.report(SCRIPT, "Ensemble gain: best single vs uniform top-K vs greedy ensemble", body, notes)
 
 
 if __name__ == "__main__":

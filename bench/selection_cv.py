@@ -22,7 +22,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (puts the repository on sys.path)
+import harness  # noqa: E402
 import numpy as np  # noqa: E402
 from ensemble_selection import make_candidates  # noqa: E402
 
@@ -78,8 +78,8 @@ def main() -> None:
         in_sample_gain = sign * (fn(y, plain.predict_proba(P)) - single)
         rows.append([metric, a.folds, f"{t_cv:.3f}", f"{c_cv:.3f}", f"{t_total:.3f}", f"{t_refit:.3f}",
                      f"{t_plain:.3f}", f"{c_plain:.3f}", f"{c_cv / c_plain:.1f}x", chosen["name"],
-                     f"{fitted.gain_:+.4f}", f"{in_sample_gain:+.4f}", _common.met(c_cv < TARGET_S)])
-    body = _common.md_table(
+                     f"{fitted.gain_:+.4f}", f"{in_sample_gain:+.4f}", harness.met(c_cv < TARGET_S)])
+    body = harness.md_table(
         ["metric", "folds", "CV s (folds + settings)", "CV CPU s", "SelectionCV.fit s", "refit s",
          "plain 50-step fit s", "plain CPU s", "CV / plain (CPU)", "chosen", "CV gain", "in-sample gain (50 steps)",
          f"CV CPU < {TARGET_S:g} s"], rows)
@@ -90,7 +90,7 @@ def main() -> None:
              (f"best of {a.repeats} runs each; load average at the end {os.getloadavg()[0]:.2f} on "
               f"{os.cpu_count()} cores"),
              "gains are in the metric's units, positive = better than the best single candidate"]
-    _common.report(SCRIPT, "Cross-validated ensemble selection: cost of the honest estimate", body, notes)
+    harness.report(SCRIPT, "Cross-validated ensemble selection: cost of the honest estimate", body, notes)
 
 
 if __name__ == "__main__":

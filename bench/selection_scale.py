@@ -39,7 +39,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (puts the repository on sys.path)
+import harness  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -203,7 +203,7 @@ def table(results: list[dict]) -> str:
             rows.append([size, r["metric"], p["dtype"], name, f"{ph['wall_s']:.1f}", f"{ph['cpu_s']:.1f}", peak])
         rows.append([size, r["metric"], p["dtype"], "process peak (ru_maxrss): phases / select",
                      "", "", f"{p['maxrss_gib']:.2f} / {e['maxrss_gib']:.2f}"])
-    return _common.md_table(["candidates x samples x classes", "metric", "P dtype", "phase", "wall s", "CPU s",
+    return harness.md_table(["candidates x samples x classes", "metric", "P dtype", "phase", "wall s", "CPU s",
                              "peak RSS GiB"], rows)
 
 
@@ -217,7 +217,7 @@ def notes(results: list[dict]) -> list[str]:
                    f"{p['chosen']} with {p['members']} members, CV {r['metric']} {p['ensemble']:.4f} vs best single "
                    f"{p['best_single']:.4f} (gain {p['cv_gain']:+.4f}); submission written: "
                    f"{'yes' if e['submission'] else 'no'}; peak {max(p['maxrss_gib'], e['maxrss_gib']):.2f} GiB, "
-                   f"{_common.met(max(p['maxrss_gib'], e['maxrss_gib']) < TARGET_GIB)} (< {TARGET_GIB} GiB); "
+                   f"{harness.met(max(p['maxrss_gib'], e['maxrss_gib']) < TARGET_GIB)} (< {TARGET_GIB} GiB); "
                    f"load average at the end {r['load_avg'][0]:.2f}")
     out.append(f"{results[0]['folds']} round-robin folds, top {results[0]['top']} (at most that many distinct "
                "members, as `select`); each size in fresh processes; the RSS before each phase includes "
@@ -248,7 +248,7 @@ def main() -> None:
     for m, n in sizes:
         print(f"{m} candidates x {n} samples x {a.classes} classes ...", flush=True)
         results.append(run(m, n, a.classes, a.metric, a.folds, a.top, a.test_samples, a.seed, a.root, a.keep))
-    _common.report(SCRIPT, "Ensemble selection at scale: time and peak memory of `select`", table(results),
+    harness.report(SCRIPT, "Ensemble selection at scale: time and peak memory of `select`", table(results),
                    notes(results))
 
 

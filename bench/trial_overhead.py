@@ -36,7 +36,7 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (puts the repository on sys.path)
+import harness  # noqa: E402
 
 SCRIPT = "trial_overhead"
 
@@ -139,7 +139,7 @@ def in_fresh_process(ctx: dict, cpus: int, repeats: int, max_epochs: int, workdi
     with open(spec, "w") as f:
         json.dump(dict(ctx=ctx, cpus=cpus, repeats=repeats, max_epochs=max_epochs), f)
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", spec], capture_output=True,
-                         text=True, cwd=_common.REPO, env=os.environ.copy())
+                         text=True, cwd=harness.REPO, env=os.environ.copy())
     os.remove(spec)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if out.returncode != 0 or line is None:
@@ -183,7 +183,7 @@ def ray_search(a, cache_dir: str, storage_root: str, train_images: int) -> tuple
     argv = ["digits", "--trials", str(a.trials), "--max-epochs", "1", "--archs", "test_resnet",
             "--image-sizes", "32", "--crossfit-top", "0", "--storage", storage_root, "--name", name,
             "--cache-dir", cache_dir, "--seed", str(a.seed)]
-    _common.start_ray()
+    harness.start_ray()
     print(f"\n(b) python -m searchspace.run {' '.join(argv)}", flush=True)
     t_main = time.time()
     rc = run.main(argv)
@@ -218,7 +218,7 @@ def ray_search(a, cache_dir: str, storage_root: str, train_images: int) -> tuple
     notes = [f"(b) experiment {experiment}; "
              + ("report times from checkpoint file mtimes (sub-second)" if all(t["precise"] for t in trials)
                 else "some trials had no checkpoint left: whole-second result timestamps used for them")]
-    return _common.md_table(["Ray Tune (b)", "value"], rows), notes
+    return harness.md_table(["Ray Tune (b)", "value"], rows), notes
 
 
 # --- main -----------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def main() -> None:
     cache_dir = os.path.abspath(a.cache_dir or os.path.join(a.workdir, "cache"))
     storage_root = os.path.abspath(os.path.join(a.workdir, "runs"))
     # Warm cache: data written and every 32 px entry built before anything is timed.
-    _, index, classes, key = _common.prepare_digits_cache(cache_dir, digits.BUDGET.folds, a.seed, [32])
+    _, index, classes, key = harness.prepare_digits_cache(cache_dir, digits.BUDGET.folds, a.seed, [32])
     # (a) reads folds.parquet like a trial does: write the same index into a scratch experiment.
     prep = storage.join(storage_root, f"prep-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     storage.write_parquet(storage.join(prep, "folds.parquet"), pa.Table.from_pandas(index, preserve_index=False))
@@ -272,7 +272,7 @@ def main() -> None:
         sums[cpus] = (cold_sum, warm_sum)
         table_rows.append([cpus, "**trial start to first step (in-process), imports excluded**",
                            f"**{cold_sum:.3f}**", f"**{warm_sum:.3f}**"])
-    body = _common.md_table(["cpus per trial", "phase (a)", "first run s (fresh process)",
+    body = harness.md_table(["cpus per trial", "phase (a)", "first run s (fresh process)",
                              f"median of runs 2..{a.repeats} s (reused actor)" if a.repeats > 1 else "same run s"],
                             table_rows)
     worst_warm = max(w for _, w in sums.values())
@@ -283,7 +283,7 @@ def main() -> None:
         "(a) each cpus value runs in a fresh interpreter: its first run is what a new Ray actor pays after its "
         "imports (first model build, first step); later runs are what a reused actor pays (Tune reuses actors)",
         f"target <= 3 s to the first step for a tiny model: reused actor {worst_warm:.2f} s, new actor "
-        f"{worst_cold:.2f} s + {max(imports.values()):.2f} s imports: {_common.met(worst_warm <= 3)}",
+        f"{worst_cold:.2f} s + {max(imports.values()):.2f} s imports: {harness.met(worst_warm <= 3)}",
     ]
     if not a.skip_ray:
         ray_table, ray_notes = ray_search(a, cache_dir, storage_root, train_images)
@@ -294,7 +294,7 @@ def main() -> None:
             "trainable start = that time - time_total_s of that line; end = start + the last time_total_s. "
             "Gap = a trial's start - the latest end of another trial at or before it. The training loop's time "
             "is train images / images_per_s (both reported)"]
-    _common.report(SCRIPT, "Trial overhead: start to first step, and Tune's gap between trials", body, notes)
+    harness.report(SCRIPT, "Trial overhead: start to first step, and Tune's gap between trials", body, notes)
 
 
 if __name__ == "__main__":

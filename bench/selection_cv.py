@@ -1,15 +1,8 @@
 """Benchmark: the cost of cross-validating the greedy ensemble selection, against one plain selection.
 
-On synthetic out-of-fold probabilities (those of bench/ensemble_selection.py:
-softmax of noisy logits, float32) with samples dealt round-robin into folds,
-times ``ensemble_builder.crossval.SelectionCV`` as ``python -m ensemble_builder
-select`` runs it (steps chosen from 5/10/25/50, the best-single fallback, the
-uniform top-K beside them, at most --top distinct members): in all, and less
-the final refit on every sample (the one selection ``select`` always ran),
-which leaves the cost of the cross-validation itself: one selection per fold,
-the settings search and the scoring. Each time is the best of --repeats runs,
-wall clock and CPU: the work is single-threaded, so on a shared machine the CPU
-time is close to what the wall time would be on a quiet one; the target is judged on it.
+``SelectionCV`` as ``ensemble_builder select`` runs it, on synthetic candidates (harness.synthetic_matrix) in
+round-robin folds, in all and less the final refit (the one selection ``select`` always ran): the cost of the
+cross-validation itself. Best of --repeats, wall and CPU (single-threaded: the target is judged on the CPU time).
 
     python bench/selection_cv.py                                   # 50 x 10,000 x 10, 5 folds
     python bench/selection_cv.py --candidates 10 --samples 1000 --repeats 1   # smoke
@@ -19,12 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 import numpy as np  # noqa: E402
-from ensemble_selection import make_candidates  # noqa: E402
 
 from core.metrics import METRICS  # noqa: E402
 from ensemble_builder.crossval import STEPS_GRID, SelectionCV  # noqa: E402
@@ -32,20 +23,6 @@ from ensemble_builder.greedy import EnsembleSelection  # noqa: E402
 
 SCRIPT = "selection_cv"
 TARGET_S = 1.0   # the cross-validation (folds' selections + settings search) must stay well under this
-
-
-def best_time(repeats: int, fn, *args):
-    """Best wall and best CPU (process) time of ``repeats`` calls ``fn(*args)``, and the last result.
-
-    The CPU time leaves out the waits for a core on a shared machine (the work is single-threaded).
-    """
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = fn(*args)
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return min(wall), min(cpu), out
 
 
 def main() -> None:
@@ -60,17 +37,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args()
 
-    P, y = make_candidates(a.candidates, a.samples, a.classes, a.seed)
+    P, y = harness.synthetic_matrix(a.candidates, a.samples, a.classes, a.seed)
     folds = np.arange(a.samples) % a.folds
     rows = []
     for metric in a.metrics.split(","):
         cv = SelectionCV(metric, n_init=1, max_members=a.top, top=a.top, random_state=a.seed)
-        t_total, c_total, fitted = best_time(a.repeats, cv.fit, P, y, folds)
+        t_total, c_total, fitted = harness.best_of(a.repeats, cv.fit, P, y, folds)
         chosen = fitted.settings_[fitted.chosen_]
         refit = EnsembleSelection(chosen["steps"], metric, max_members=a.top, random_state=a.seed)
-        t_refit, c_refit, _ = best_time(a.repeats, refit.fit, P, y)
+        t_refit, c_refit, _ = harness.best_of(a.repeats, refit.fit, P, y)
         plain = EnsembleSelection(50, metric, max_members=a.top, random_state=a.seed)
-        t_plain, c_plain, _ = best_time(a.repeats, plain.fit, P, y)
+        t_plain, c_plain, _ = harness.best_of(a.repeats, plain.fit, P, y)
         # what select now does on top of the one selection it always ran
         t_cv, c_cv = t_total - t_refit, c_total - c_refit
         fn, sign = METRICS[metric].fn, METRICS[metric].sign

@@ -1,19 +1,8 @@
 """Benchmark: what the greedy ensemble gains over the best single config and a uniform top-K mean.
 
-Reads a finished experiment's candidates (ensemble_builder.candidates.load:
-cross-fitted ones when there are any, so the scores are out-of-fold over the
-whole training set) and compares, on the same predictions:
-
-- the best single candidate (by the task's metric, out of fold),
-- the uniform mean of the top K candidates,
-- the greedy ensemble: ensemble_builder.greedy.EnsembleSelection with 50
-  steps and at most K distinct members, as ``python -m ensemble_builder select --top K``.
-
-Reports out-of-fold accuracy and log loss, and test-split accuracy and log loss
-where the data folder has test_labels.csv (digits writes one) and the
-candidates have test predictions. Without --experiment it first runs a digits
-search with cross-fit (the task's budget, cross-fitting --top configs) into
---workdir.
+On a finished experiment's candidates (out of fold when cross-fitted), and on the test split where the data folder
+has test_labels.csv: the best single candidate, the uniform top-K mean and the greedy ensemble (50 steps, at most K
+members, as ``ensemble_builder select --top K``). Without --experiment it first searches digits into --workdir.
 
     python bench/ensemble_gain.py --experiment runs/digits-...     # an existing digits run with cross-fit
     python bench/ensemble_gain.py                                  # full run: searches digits itself
@@ -36,8 +25,6 @@ SCRIPT = "ensemble_gain"
 
 
 def run_search(a) -> str:
-    from searchspace import run
-
     cache_dir = os.path.abspath(a.cache_dir or os.path.join(a.workdir, "cache"))
     storage_root = os.path.abspath(os.path.join(a.workdir, "runs"))
     name = f"digits-{datetime.datetime.now():%Y%m%d-%H%M%S}"
@@ -47,13 +34,7 @@ def run_search(a) -> str:
                         ("--image-sizes", a.image_sizes)):
         if value is not None:
             argv += [flag, str(value)]
-    harness.start_ray()
-    print(f"no --experiment: python -m searchspace.run {' '.join(argv)}", flush=True)
-    t0 = time.perf_counter()
-    rc = run.main(argv)
-    if rc != 0:
-        raise SystemExit(f"searchspace.run.main returned {rc}")
-    print(f"search + cross-fit took {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"search + cross-fit took {harness.search_in_process(argv):.0f} s", flush=True)
     return os.path.join(storage_root, name)
 
 

@@ -55,7 +55,7 @@ def in_process(ctx: dict, cpus: int, max_epochs: int) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    from core import storage
+    from core.experiment import Experiment
     from trainer.augment import AugPolicy, albumentations_pipeline, mix_batch
     from trainer.cache import cached_images
     from trainer.fit import CachedImages
@@ -75,7 +75,7 @@ def in_process(ctx: dict, cpus: int, max_epochs: int) -> dict[str, float]:
     torch.set_num_threads(cpus)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    index = storage.read_parquet(storage.join(ctx["experiment"], "folds.parquet")).to_pandas()
+    index = Experiment(ctx["experiment"]).folds()
     lap("read folds.parquet")
     size, mode = int(hp["image_size"]), hp["resize_mode"]
     images = cached_images(index["path"].tolist(), ctx["data_key"], size, mode, ctx["cache_dir"], workers=cpus)
@@ -177,19 +177,12 @@ def trial_timeline(folder: str) -> dict | None:
 
 
 def ray_search(a, cache_dir: str, storage_root: str, train_images: int) -> tuple[str, list[str]]:
-    from searchspace import run
-
     name = f"overhead-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     argv = ["digits", "--trials", str(a.trials), "--max-epochs", "1", "--archs", "test_resnet",
             "--image-sizes", "32", "--crossfit-top", "0", "--storage", storage_root, "--name", name,
             "--cache-dir", cache_dir, "--seed", str(a.seed)]
-    harness.start_ray()
-    print(f"\n(b) python -m searchspace.run {' '.join(argv)}", flush=True)
-    t_main = time.time()
-    rc = run.main(argv)
-    wall = time.time() - t_main
-    if rc != 0:
-        raise SystemExit(f"searchspace.run.main returned {rc}")
+    wall = harness.search_in_process(argv)
+    t_main = time.time() - wall
     experiment = os.path.join(storage_root, name)
     trials = [t for t in (trial_timeline(d) for d in glob.glob(os.path.join(experiment, "train_trial_*")))
               if t is not None]
@@ -238,9 +231,8 @@ def main() -> None:
     if a.child:
         return child(a.child)
 
-    import pyarrow as pa
-
     from core import storage
+    from core.experiment import Experiment
     from searchspace.tasks import digits
 
     cache_dir = os.path.abspath(a.cache_dir or os.path.join(a.workdir, "cache"))
@@ -249,7 +241,7 @@ def main() -> None:
     _, index, classes, key = harness.prepare_digits_cache(cache_dir, digits.BUDGET.folds, a.seed, [32])
     # (a) reads folds.parquet like a trial does: write the same index into a scratch experiment.
     prep = storage.join(storage_root, f"prep-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    storage.write_parquet(storage.join(prep, "folds.parquet"), pa.Table.from_pandas(index, preserve_index=False))
+    Experiment(prep).write_folds(index)
     ctx = dict(experiment=prep, data_key=key, cache_dir=cache_dir, num_classes=len(classes))
     train_images = int((index["fold"] != 0).sum())
 

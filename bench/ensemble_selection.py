@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -22,15 +21,11 @@ def timed_fit(P, y, steps: int, metric: str, vectorised: bool, repeats: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--candidates", type=int, default=1000)
-    ap.add_argument("--samples", type=int, default=10000)
-    ap.add_argument("--classes", type=int, default=10)
+    ap = harness.synthetic_parser(__doc__, 1000)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--naive-steps", type=int, default=5,
                     help="greedy steps for the naive loop; its time is extrapolated per step")
     ap.add_argument("--metric", default="accuracy")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="time each fit this many times, keep the best")
     a = ap.parse_args()
 

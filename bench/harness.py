@@ -392,6 +392,16 @@ def synthetic_candidates(m: int, n: int, C: int, seed: int = 0, n_test: int = 0)
     return y, y_test, stream()
 
 
+def synthetic_parser(doc: str, candidates: int) -> argparse.ArgumentParser:
+    """The options of a benchmark on synthetic candidates: their number and size, and the seed."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--candidates", type=int, default=candidates)
+    ap.add_argument("--samples", type=int, default=10000)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
 def synthetic_matrix(m: int, n: int, C: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The candidates' probabilities as one (m, n, C) float32 array, and the labels."""
     y, _, cands = synthetic_candidates(m, n, C, seed)

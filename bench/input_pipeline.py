@@ -1,21 +1,8 @@
 """Benchmark: images per second delivered to the model, classic decode-per-image vs the node cache.
 
-Every path ends with the same thing handed to the model: a normalised float
-batch (B, 3, 224, 224). All paths run in one process on the same JPEG files:
-
-- A "classic (seeds)": DataLoader, 2 workers; per image cv2.imread + BGR2RGB,
-  albumentations RandomResizedCrop(224, scale 0.35-1) + HorizontalFlip +
-  ColorJitter + Normalize + ToTensorV2.
-- B "ours, CPU": the node cache (trainer.cache.cached_images, 224 px, squish),
-  trainer.fit.CachedImages + trainer.augment.albumentations_pipeline in a
-  DataLoader (0 and 2 workers), then trainer.inference.to_input.
-- C "kornia on CPU": uint8 batches from the cache -> to_input with
-  trainer.augment.kornia_pipeline (same policy).
-
-Cold cost: building the cache once (fresh cache folder) against one epoch of A.
-The JPEGs (640x480, quality 90) are made from scikit-image's bundled photos,
-randomly cropped, colour-jittered and lightly noised, so decoding costs what
-real photos cost.
+Every path hands the model a normalised (B, 3, 224, 224) float batch from the same JPEGs (640x480, quality 90, made
+from scikit-image's photos): A classic DataLoader decoding each image + albumentations; B our node cache +
+albumentations (0 and 2 workers); C kornia on CPU over the cache. Cold: one cache build against one epoch of A.
 
     python bench/input_pipeline.py                                  # full run
     python bench/input_pipeline.py --images 200 --measure 256 --kornia-measure 64 --repeats 1   # smoke

@@ -9,7 +9,6 @@ cross-validation itself. Best of --repeats, wall and CPU (single-threaded: the t
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -26,14 +25,10 @@ TARGET_S = 1.0   # the cross-validation (folds' selections + settings search) mu
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--candidates", type=int, default=50)
-    ap.add_argument("--samples", type=int, default=10000)
-    ap.add_argument("--classes", type=int, default=10)
+    ap = harness.synthetic_parser(__doc__, 50)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--top", type=int, default=5, help="most distinct members, and K of the uniform top-K (as select)")
     ap.add_argument("--metrics", default="accuracy,log_loss")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args()
 

@@ -1,23 +1,9 @@
 """Benchmark: a trial's fixed costs with a warm cache, tiny model (test_resnet, 32 px, digits).
 
-(a) In process: the steps of trainer.fit.train_trial before and up to its
-    first optimiser step, called in the same order with the same arguments
-    (read folds.parquet, open the warm cache, augmentation + dataset +
-    DataLoader, model + loss weights + optimiser + schedule, first batch, first
-    step), each timed. The first repetition runs in a process that has not yet
-    built a model or run a step (like a fresh Ray actor after its imports); the
-    next ones are what a reused actor pays. The import of trainer.fit in a
-    fresh interpreter is timed separately: a new actor pays it once.
-
-(b) Ray Tune: a real short search through searchspace.run.main (N trials x 1
-    epoch). From each trial folder: result.json (time_total_s of each report,
-    checkpoint_dir_name, pid) and the modification time of the files of a
-    kept checkpoint folder, which Tune writes while the trial reports.
-    report time (precise) - time_total_s at that report = when the trainable
-    started; that + the last time_total_s = when it ended. A trial's
-    scheduling gap = its start - the latest end of another trial before it
-    (the slot it took had just been freed): Tune's bookkeeping, actor reset and
-    launch, not setup or training (time_total_s counts those).
+(a) In a fresh interpreter, the steps of trainer.fit.train_trial up to its first optimiser step, each timed: the
+    first repetition is a new Ray actor's cost after its imports, the next ones a reused actor's.
+(b) A real short search (N trials x 1 epoch): from each trial folder's result.json and checkpoint mtimes, when each
+    trainable started and ended; the scheduling gap = a trial's start - the latest end of another trial before it.
 
     python bench/trial_overhead.py                                  # full run
     python bench/trial_overhead.py --repeats 2 --trials 3           # smoke

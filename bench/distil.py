@@ -1,15 +1,8 @@
 """Benchmark: the shipped ensemble distilled into one student, on real held-out images.
 
-For each dataset and seed it takes the default pipeline's run at one time budget (``time_budget.py``'s run at
-the same budget and seed, made first if missing: one run serves the three benchmarks), then distils students
-of two sizes with the CLI as a user would (``python -m ensemble_builder distill --student ARCH``), each at its
-defaults (the final models' length, the best network's image size).
-
-Reported on the held-out test images: the accuracy and log loss of the shipped ensemble, of the best single
-candidate (by out-of-fold score) and of each student; the student's own honest estimate (a second student
-distilled without the last fold, scored on it); its size, its images per second against the whole ensemble's
-(measured side by side by ``distill`` on this machine), and what the distillation cost in wall time against the
-search and final stage it came from. Mean and spread over seeds.
+On time_budget.py's default run per dataset and seed, ``python -m ensemble_builder distill --student ARCH`` for two
+sizes: test accuracy and log loss of the ensemble, the best single and each student, its size, images/s against the
+ensemble's, and the wall time against the pipeline's. Mean and spread over seeds.
 
     python bench/distil.py                                  # 2 datasets x 3 seeds, 6-minute runs
     python bench/distil.py --datasets animals --seeds 0
@@ -31,9 +24,8 @@ STUDENTS = ("test_resnet", "mobilenetv3_small_050")   # the two smallest network
 
 def student_scores(location: str, info: dict, arch: str) -> dict:
     """Distil one student into the experiment with the CLI, and score it on the test images."""
-    import numpy as np
 
-    from core.experiment import Experiment, aligned
+    from core.experiment import Experiment
 
     exp = Experiment(location)
     log = os.path.join(OUT, "logs", f"{os.path.basename(os.path.dirname(location))}-{arch}.log")
@@ -46,7 +38,7 @@ def student_scores(location: str, info: dict, arch: str) -> dict:
     student = exp.ensemble()["student"]
     order = exp.test()["sample_id"].tolist()
     y = harness.labels(info, exp.meta()["class_names"], order)
-    P = np.asarray(aligned(exp.candidate(student["candidate"]).test(), order), np.float64)
+    P = harness.test_probs(exp.candidate(student["candidate"]).test(), order)
     out.update(harness.scores(y, P), holdout=student["scores"], params=student["params"], mb=student["mb"],
                images_per_s=student["images_per_s"], ensemble_images_per_s=student["ensemble_images_per_s"],
                speedup=student["speedup"], ensemble_models=student["ensemble_models"],
@@ -55,9 +47,8 @@ def student_scores(location: str, info: dict, arch: str) -> dict:
 
 
 def cell(name: str, seed: int, minutes: float) -> dict:
-    import numpy as np
 
-    from core.experiment import Experiment, aligned
+    from core.experiment import Experiment
 
     info = harness.dataset(name)
     tag = f"{name}-s{seed}-{minutes:g}m"
@@ -68,7 +59,7 @@ def cell(name: str, seed: int, minutes: float) -> dict:
     order, P = harness.ensemble_test(location)
     y = harness.labels(info, exp.meta()["class_names"], order)
     record = exp.ensemble()
-    single = np.asarray(aligned(exp.candidate(record["best_single"]).test(), order), np.float64)
+    single = harness.test_probs(exp.candidate(record["best_single"]).test(), order)
     pipeline = json.load(open(os.path.join(time_budget.OUT, f"{tag}.json")))["pipeline"]
     out = dict(dataset=name, seed=seed, budget_min=minutes, ensemble=harness.scores(y, P),
                single=harness.scores(y, single), pipeline_s=pipeline["seconds"],
@@ -113,11 +104,6 @@ def table(rows: list[dict]) -> str:
                              "inference speed vs ensemble", "distil wall time", "ran"], lines)
 
 
-def main() -> None:
-    harness.over_cells(__doc__, cell, OUT,
-                       "distil", "One deployable model: the student against the ensemble",
-                       table, "animals,mnist")
-
-
 if __name__ == "__main__":
-    main()
+    harness.over_cells(__doc__, cell, OUT, "distil", "One deployable model: the student against the ensemble", table,
+                       "animals,mnist")

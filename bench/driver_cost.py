@@ -1,44 +1,11 @@
 """Benchmark: the driver's cost per trial as a search grows (100, 300, 1,000 trials of a tiny model).
 
-A real search through ``searchspace.api.run_search`` (what ``python -m
-searchspace.run digits`` runs) on a stratified subset of the digits images
-(``--per-class`` images of each class, 2 folds), test_resnet at 16 px, one
-epoch, ASHA grace 1, no cross-fit. Each trial count runs in a fresh
-interpreter with its own Ray, so no run inherits another's state.
-
-What is measured in the driver process (not in Ray's workers, gcs or raylet):
-
-- driver CPU: ``resource.getrusage(RUSAGE_SELF)`` over ``Tuner.fit`` (every
-  thread of the driver: the Tune loop, Ray's core-worker threads), per trial;
-  and the marginal cost of the last 10 % of trials (CPU between the
-  completion of trial 0.9 N and trial N, divided by 0.1 N): flat means that
-  a trial late in the search costs the driver what an early one did;
-- the parts, in CPU seconds of the thread that runs them (``time.thread_time``
-  around the real methods; the wrapper only times and calls through):
-  the searcher's ``suggest`` (the study's ``ask`` plus TPE sampling of every
-  parameter), its ``on_trial_result`` and ``on_trial_complete`` (Optuna's
-  report and tell into the journal), the progress line
-  (``searchspace.progress.Progress``), Tune's own bookkeeping (the CPU of
-  ``TuneController.step`` minus the searcher and the progress callbacks; it
-  includes the experiment-state snapshots, timed on their own too);
-- after the search: Ray's ``ExperimentAnalysis`` (reading every trial's
-  results into the ResultGrid) and ``finish_search`` (trials.parquet, one
-  candidate per trial, the leaderboard), in wall and CPU seconds.
-
-Ray's own processes on the head node (gcs_server, raylet) are measured by
-their CPU seconds over the run (psutil) for context: they are driver-side
-cost too, though not in the driver's process.
-
-Side by side (``--compare``): the same search as the code was before the
-two fixes ("before": ``TruthfulOptunaSearch`` kept every told trial's Optuna
-handle, which Tune pickles into each experiment snapshot; and Ray deleted
-superseded checkpoints itself, ``num_to_keep=1``, which makes it snapshot the
-whole experiment at every trial checkpoint) against the code as it is ("now":
-``storage_policy.KeepLatest`` deletes them, Ray snapshots on its own period).
-
-``--keep-all``: the same search with Tune keeping every checkpoint
-(``CheckpointConfig(num_to_keep=None)``), so that no trial checkpoint forces
-an experiment snapshot: what the forced snapshots cost.
+A real search (``searchspace.api.run_search``) on a digits subset, test_resnet at 16 px, one epoch, each trial
+count in a fresh interpreter with its own Ray. In the driver process: CPU over ``Tuner.fit`` per trial and for the
+last 10 % of trials, and the parts (TPE ``suggest``, the searcher's callbacks, the progress line, Tune's
+bookkeeping and snapshots, ``collect``) in thread CPU seconds of the real methods; gcs_server and raylet by their
+CPU seconds. ``--compare``: the code before the two fixes (Optuna handles kept, ``num_to_keep=1``) beside it;
+``--keep-all``: Tune keeping every checkpoint, so no trial checkpoint forces a snapshot.
 
     python bench/driver_cost.py --compare 100,1000       # full: 100, 300, 1000 trials; before/now at 100 and 1000
     python bench/driver_cost.py --trials '' --keep-all 100,1000 --workdir /tmp/bench_driver_cost_keep_all
@@ -58,7 +25,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (puts the repository on sys.path)
+import harness  # noqa: E402
 
 SCRIPT = "driver_cost"
 
@@ -294,7 +261,7 @@ def run(trials: list[int], workdir: str, per_class: int = 10, seed: int = 0,
             log = os.path.join(workdir, f"search-{n}-{variant}.log")
             with open(log, "w") as f:
                 proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", path],
-                                      stdout=f, stderr=subprocess.STDOUT, cwd=_common.REPO, env=os.environ.copy())
+                                      stdout=f, stderr=subprocess.STDOUT, cwd=harness.REPO, env=os.environ.copy())
             shutil.rmtree(ray_tmp, ignore_errors=True)
             with open(log) as f:
                 lines = f.read().splitlines()
@@ -336,11 +303,11 @@ def tables(rows: list[dict]) -> str:
             f"{1e3 * r['gcs_cpu'] / n:.0f} / {1e3 * r['raylet_cpu'] / n:.0f}",
             f"{r['trial_s']:.2f} / {r['trial_tail_s']:.2f}",
             " ".join(f"{x:.2f}" for x in r["load_start"]) + " -> " + " ".join(f"{x:.2f}" for x in r["load_end"])])
-    t1 = _common.md_table(
+    t1 = harness.md_table(
         ["N", "searcher", "driver CPU s per trial", "same, last 10 % of trials", "wall s per trial",
          "TPE suggest ms per trial (mean / last 10 %)", "Tune bookkeeping ms per trial", "collect s",
          "driver CPU per trial vs smallest N (mean / last 10 %)"], main)
-    t2 = _common.md_table(
+    t2 = harness.md_table(
         ["N", "searcher", "searcher ms CPU per trial (suggest + report + tell)", "progress line ms",
          "Tune state snapshots ms", "driver CPU outside the Tune loop ms (Ray threads, set-up)",
          "collect CPU s: ExperimentAnalysis / finish_search (collect)", "gcs_server / raylet ms CPU per trial",
@@ -385,7 +352,7 @@ def main() -> None:
         "CPU of TuneController.step minus the searcher and the progress callbacks; collect = wall seconds of "
         "ExperimentAnalysis + finish_search (trials.parquet, candidates, leaderboard)",
     ]
-    _common.report(SCRIPT, "Driver cost per trial as the search grows", tables(rows), notes)
+    harness.report(SCRIPT, "Driver cost per trial as the search grows", tables(rows), notes)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,9 @@
 """Benchmark: does searching for what the ensemble lacks beat "search, then select"? Four pipelines, real data.
 
-On the real held-out datasets of ``bench/real_data.py`` (mnist in the paddy
-layout, lfw faces in the deepfake layout; textures optional), with equal
-compute in every cell (the same trials, epochs, ASHA settings, folds and
-cross-fit M), it runs the real CLIs for four pipelines:
-
-- (a) ``score``:     TPE on each trial's own metric, no portfolio, top-M cross-fit
-                     (``--no-portfolio --objective own --crossfit-by score``: the landed main's pipeline)
-- (b) ``compl``:     the same search, cross-fit chosen by greedy selection on fold 0
-                     (``--no-portfolio --objective own --crossfit-by complementarity``)
-- (c) ``portfolio``: (b) whose first trials are the task's portfolio (``--objective own``)
-- (d) ``ensemble``:  (c) with the searcher optimising each trial's ensemble gain (``--objective ensemble``)
-
-then ``python -m ensemble_builder select --top 5`` and scores, on the test
-split whose labels only the benchmark sees: the ensemble's accuracy and log
-loss, the best single cross-fitted config (picked by its out-of-fold
-accuracy, as a user without test labels would), the gain, and the number of
-distinct architectures in the ensemble. Each cell runs for several seeds
-(``--seeds``); the table gives mean and spread (sample std) over seeds.
-
-Every finished run is appended to ``<workdir>/ensemble_aware.jsonl`` at once, and a
-rerun skips the (dataset, pipeline, seed) cells already there, so a killed run
-loses at most the search in progress.
+On bench/real_data.py's held-out datasets, with equal compute in every cell, the CLIs run four pipelines (PIPELINES:
+(a) own metric, top-M cross-fit; (b) complementarity cross-fit; (c) (b) + portfolio; (d) (c) + ``--objective
+ensemble``), then ``ensemble_builder select``, scored on the test labels over seeds. Every finished run is appended
+to ``<workdir>/ensemble_aware.jsonl`` at once, and a rerun skips the cells already there.
 
     python bench/ensemble_aware.py                               # mnist + lfw, 4 pipelines, seeds 0,1,2
     python bench/ensemble_aware.py --smoke                       # tiny budgets: proves the script works
@@ -34,14 +16,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (puts the repository on sys.path)
 import _real  # noqa: E402
-import numpy as np  # noqa: E402
+import harness  # noqa: E402
 import real_data  # noqa: E402
 
 SCRIPT = "ensemble_aware"
@@ -57,38 +37,34 @@ FULL = dict(trials=16, max_epochs=10, grace_period=2, folds=3, crossfit_top=4)
 SMOKE = dict(trials=3, max_epochs=2, grace_period=1, folds=2, crossfit_top=2)
 
 
-def run_cell(dataset: str, pipeline: str, seed: int, a, info: dict, weights: dict, env: dict) -> dict:
+def run_cell(dataset: str, pipeline: str, seed: int, a, info: dict, weights: dict) -> dict:
     """One search + cross-fit + select through the CLIs, scored on the held-out test labels."""
     b = SMOKE if a.smoke else FULL
     runs, logs = os.path.join(a.workdir, "runs"), os.path.join(a.workdir, "logs")
     os.makedirs(logs, exist_ok=True)
     name = f"{dataset}-{pipeline}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     experiment = os.path.join(runs, name)
-    cmd = [sys.executable, "-m", "searchspace.run", real_data.TASK_OF[dataset], "--data", info["folder"],
-           "--archs", a.archs, "--image-sizes", a.image_sizes,
-           "--trials", str(b["trials"]), "--max-epochs", str(b["max_epochs"]),
-           "--grace-period", str(b["grace_period"]), "--folds", str(b["folds"]),
-           "--crossfit-top", str(b["crossfit_top"]), "--storage", runs, "--name", name,
-           "--seed", str(seed), "--cache-dir", os.path.join(a.workdir, "cache"),
-           "--weights-dir", weights["folder"], "--pretrained", "auto", *PIPELINES[pipeline]]
-    if not real_data.TTA_AUTO[dataset]:
-        cmd.append("--no-tta")
+    cmd = harness.search_command(
+        harness.DATASETS[dataset]["task"], info, runs, name, seed,
+        *(x for k, v in b.items() for x in ("--" + k.replace("_", "-"), str(v))),
+        "--cache-dir", os.path.join(a.workdir, "cache"), "--weights-dir", weights["folder"], "--pretrained", "auto",
+        *PIPELINES[pipeline], archs=a.archs, image_sizes=a.image_sizes, tta=harness.DATASETS[dataset]["tta"])
     t0 = time.perf_counter()
-    search = real_data.run_cmd(cmd, env, dataset, os.path.join(logs, name + ".search"), a.timeout)
+    search = harness.run(cmd, os.path.join(logs, name + ".search.log"), a.timeout, tag=dataset, cpu=True)
     row = dict(dataset=dataset, pipeline=pipeline, seed=seed, experiment=experiment, budget=b,
-               command=real_data.show(cmd), search_rc=search.get("rc"), load=os.getloadavg())
+               command=search["cmd"], search_rc=search.get("rc"), load=os.getloadavg())
     if not os.path.exists(os.path.join(experiment, "trials.parquet")):
         return {**row, "error": f"the search wrote no trials.parquet (rc {search.get('rc')})"}
-    row.update(select(row, a, info, env), seconds=time.perf_counter() - t0)
+    row.update(select(row, a, info), seconds=time.perf_counter() - t0)
     return row
 
 
-def select(row: dict, a, info: dict, env: dict) -> dict:
+def select(row: dict, a, info: dict) -> dict:
     """``ensemble_builder select`` on a finished experiment, then its scores on the held-out labels."""
     experiment = row["experiment"]
     sel = [sys.executable, "-m", "ensemble_builder", "select", "--top", str(a.top), "--experiment", experiment]
-    log = os.path.join(a.workdir, "logs", os.path.basename(experiment) + ".select")
-    out = real_data.run_cmd(sel, env, row["dataset"], log, a.timeout)
+    log = os.path.join(a.workdir, "logs", os.path.basename(experiment) + ".select.log")
+    out = harness.run(sel, log, a.timeout, tag=row["dataset"], cpu=True)
     return dict(select_rc=out.get("rc"), **scores(real_data.measure(experiment, info)))
 
 
@@ -117,13 +93,6 @@ def scores(m: dict) -> dict:
 
 # --- the report ---------------------------------------------------------------------------------
 
-def mean_sd(values: list) -> str:
-    v = np.array([x for x in values if x is not None], dtype=float)
-    if not len(v):
-        return "-"
-    return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}" if len(v) > 1 else f"{v.mean():.4f}"
-
-
 def table(rows: list[dict]) -> str:
     headers = ["dataset", "pipeline", "runs", "ensemble test acc", "ensemble test log loss",
                "best single test acc", "best single test log loss", "gain (acc)", "gain (log loss)",
@@ -135,13 +104,12 @@ def table(rows: list[dict]) -> str:
             if not g:
                 continue
             body.append([ds, LABELS[p], f"{len(g)} (seeds {','.join(str(r['seed']) for r in g)})",
-                         mean_sd([r["ens_acc"] for r in g]), mean_sd([r["ens_ll"] for r in g]),
-                         mean_sd([r["single_acc"] for r in g]), mean_sd([r["single_ll"] for r in g]),
-                         mean_sd([r["gain_acc"] for r in g]), mean_sd([r["gain_ll"] for r in g]),
-                         mean_sd([r["ens_archs"] for r in g]), mean_sd([r["crossfit_archs"] for r in g]),
+                         *(harness.spread_cell([r[k] for r in g]) for k in ("ens_acc", "ens_ll", "single_acc",
+                                                                           "single_ll", "gain_acc", "gain_ll",
+                                                                           "ens_archs", "crossfit_archs")),
                          f"{sum(r['fallback'] for r in g)} of {len(g)}",
                          f"{sum(r['failed'] for r in g)} of {sum(r['trials'] for r in g)}"])
-    return _common.md_table(headers, body)
+    return harness.md_table(headers, body)
 
 
 def per_run(rows: list[dict]) -> str:
@@ -152,7 +120,7 @@ def per_run(rows: list[dict]) -> str:
              f(r.get("single_ll")), f(r.get("gain_acc")), r.get("ens_members", "-"), r.get("ens_archs", "-"),
              r.get("chosen", "-"), f(r.get("insample_gain")), f(r.get("cv_gain")), f"{r.get('seconds', 0):.0f}"]
             for r in rows]
-    return _common.md_table(headers, body)
+    return harness.md_table(headers, body)
 
 
 def paired(rows: list[dict]) -> str:
@@ -168,7 +136,7 @@ def paired(rows: list[dict]) -> str:
                     d_ll.append(base[r["seed"]]["ens_ll"] - r["ens_ll"])
             if d_acc:
                 lines.append(f"{ds}: {LABELS[p]} minus (a), same seeds (n={len(d_acc)}): ensemble test acc "
-                             f"{mean_sd(d_acc)}, log loss improvement {mean_sd(d_ll)}")
+                             f"{harness.spread_cell(d_acc)}, log loss improvement {harness.spread_cell(d_ll)}")
     return "\n".join(f"- {x}" for x in lines)
 
 
@@ -188,9 +156,9 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="print the table from the finished runs")
     ap.add_argument("--reselect", action="store_true",
                     help="run select again on every finished run (today's ensemble_builder) and re-score it")
-    ap.add_argument("--root", default=real_data.DEFAULT_ROOT, help="datasets and weights (bench/real_data.py's)")
+    ap.add_argument("--root", default=harness.DATA_ROOT, help="datasets and weights (bench/real_data.py's)")
     ap.add_argument("--workdir", default="/tmp/bench_ensemble_aware", help="runs, cache, logs, results jsonl")
-    ap.add_argument("--archs", default=real_data.DEFAULT_ARCHS)
+    ap.add_argument("--archs", default=harness.ARCHS)
     ap.add_argument("--image-sizes", default="32,48")
     ap.add_argument("--top", type=int, default=5, help="ensemble_builder select --top")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess before it is killed")
@@ -209,13 +177,11 @@ def main() -> None:
     ns = argparse.Namespace(root=a.root, data_seed=a.data_seed, lfw_train=120, lfw_valid=20, lfw_test=60,
                             textures_train=96, textures_test=32, **sizes)
     infos = {d: real_data.build_dataset(d, ns) for d in datasets}
-    ray_tmp = tempfile.mkdtemp(prefix="ea", dir="/tmp")    # short: Ray's unix socket paths
-    env = real_data.child_env(ray_tmp)
     if a.reselect:
         rows = read_rows(jsonl)
         for r in rows:
             if "error" not in r and r["dataset"] in infos:
-                r.update(select(r, a, infos[r["dataset"]], env))
+                r.update(select(r, a, infos[r["dataset"]]))
                 print(f"{r['dataset']} {r['pipeline']} seed {r['seed']}: selected again", flush=True)
         with open(jsonl, "w") as f:
             f.writelines(json.dumps(r, default=str) + "\n" for r in rows)
@@ -230,7 +196,7 @@ def main() -> None:
                         continue
                     print(f"\n== {d} {p} seed {seed} (load {os.getloadavg()[0]:.2f})", flush=True)
                     try:
-                        row = run_cell(d, p, seed, a, infos[d], weights, env)
+                        row = run_cell(d, p, seed, a, infos[d], weights)
                     except Exception as e:  # noqa: BLE001  (recorded; the next cell still runs)
                         traceback.print_exc()
                         row = dict(dataset=d, pipeline=p, seed=seed, error=f"{type(e).__name__}: {e}")
@@ -249,7 +215,7 @@ def main() -> None:
              "with the mean of its fold models; gain = ensemble minus that; log-loss gain = single minus ensemble",
              "mean ± sample std over seeds; a difference smaller than the spread is not a finding",
              f"results: {jsonl}"]
-    _common.report(SCRIPT, "Ensemble-aware search: four pipelines on held-out real images", body, notes)
+    harness.report(SCRIPT, "Ensemble-aware search: four pipelines on held-out real images", body, notes)
 
 
 if __name__ == "__main__":

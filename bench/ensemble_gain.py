@@ -1,19 +1,8 @@
 """Benchmark: what the greedy ensemble gains over the best single config and a uniform top-K mean.
 
-Reads a finished experiment's candidates (ensemble_builder.candidates.load:
-cross-fitted ones when there are any, so the scores are out-of-fold over the
-whole training set) and compares, on the same predictions:
-
-- the best single candidate (by the task's metric, out of fold),
-- the uniform mean of the top K candidates,
-- the greedy ensemble: ensemble_builder.greedy.EnsembleSelection with 50
-  steps and at most K distinct members, as ``python -m ensemble_builder select --top K``.
-
-Reports out-of-fold accuracy and log loss, and test-split accuracy and log loss
-where the data folder has test_labels.csv (digits writes one) and the
-candidates have test predictions. Without --experiment it first runs a digits
-search with cross-fit (the task's budget, cross-fitting --top configs) into
---workdir.
+On a finished experiment's candidates (out of fold when cross-fitted), and on the test split where the data folder
+has test_labels.csv: the best single candidate, the uniform top-K mean and the greedy ensemble (50 steps, at most K
+members, as ``ensemble_builder select --top K``). Without --experiment it first searches digits into --workdir.
 
     python bench/ensemble_gain.py --experiment runs/digits-...     # an existing digits run with cross-fit
     python bench/ensemble_gain.py                                  # full run: searches digits itself
@@ -29,15 +18,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (puts the repository on sys.path)
+import harness  # noqa: E402
 import numpy as np  # noqa: E402
 
 SCRIPT = "ensemble_gain"
 
 
 def run_search(a) -> str:
-    from searchspace import run
-
     cache_dir = os.path.abspath(a.cache_dir or os.path.join(a.workdir, "cache"))
     storage_root = os.path.abspath(os.path.join(a.workdir, "runs"))
     name = f"digits-{datetime.datetime.now():%Y%m%d-%H%M%S}"
@@ -47,13 +34,7 @@ def run_search(a) -> str:
                         ("--image-sizes", a.image_sizes)):
         if value is not None:
             argv += [flag, str(value)]
-    _common.start_ray()
-    print(f"no --experiment: python -m searchspace.run {' '.join(argv)}", flush=True)
-    t0 = time.perf_counter()
-    rc = run.main(argv)
-    if rc != 0:
-        raise SystemExit(f"searchspace.run.main returned {rc}")
-    print(f"search + cross-fit took {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"search + cross-fit took {harness.search_in_process(argv):.0f} s", flush=True)
     return os.path.join(storage_root, name)
 
 
@@ -136,7 +117,7 @@ def main() -> None:
             T = np.tensordot(np.asarray(weights, np.float64), test[1], axes=1)
             row += [f"{accuracy(y_test, T):.4f}", f"{log_loss(y_test, T):.4f}"]
         rows.append(row)
-    body = _common.md_table(headers, rows)
+    body = harness.md_table(headers, rows)
     weights = ", ".join(f"{c.ids[i]} {sel.weights_[i]:.2f}" for i in members[np.argsort(-sel.weights_[members])])
     ens_P = sel.predict_proba(c.P)
     notes = [
@@ -156,7 +137,7 @@ def main() -> None:
     ]
     if m < a.top:
         notes.append(f"only {m} candidate(s): top {a.top} shrinks to {top}")
-    _common.report(SCRIPT, "Ensemble gain: best single vs uniform top-K vs greedy ensemble", body, notes)
+    harness.report(SCRIPT, "Ensemble gain: best single vs uniform top-K vs greedy ensemble", body, notes)
 
 
 if __name__ == "__main__":

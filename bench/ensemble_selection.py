@@ -1,68 +1,35 @@
-"""Benchmark: vectorised vs per-candidate-loop greedy ensemble selection.
-
-Generates synthetic out-of-fold probabilities (softmax of noisy logits, float32),
-runs both selectors in the same process and prints a markdown table row.
+"""Benchmark: vectorised vs per-candidate-loop greedy ensemble selection on synthetic candidates.
 
     python bench/ensemble_selection.py --candidates 1000 --samples 10000 --classes 10 --steps 50
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ensemble_builder.greedy import EnsembleSelection  # noqa: E402
 
 
-def make_candidates(m: int, n: int, C: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate probabilities (m, n, C) float32 and labels (n,).
-
-    Logits = quality * onehot(y) + shared per-sample noise (hard samples are hard
-    for every model) + per-candidate noise; quality varies across candidates.
-    """
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, C, n)
-    onehot = np.eye(C, dtype=np.float32)[y]
-    shared = rng.standard_normal((n, C), dtype=np.float32)
-    quality = rng.uniform(0.5, 3.0, m).astype(np.float32)
-    P = np.empty((m, n, C), np.float32)
-    for c in range(m):
-        z = quality[c] * onehot + shared + rng.standard_normal((n, C), dtype=np.float32)
-        z -= z.max(axis=1, keepdims=True)
-        np.exp(z, out=z)
-        P[c] = z / z.sum(axis=1, keepdims=True)
-    return P, y
-
-
-def timed_fit(P: np.ndarray, y: np.ndarray, steps: int, metric: str, vectorised: bool, repeats: int):
-    """Best wall time of ``repeats`` fits (the machine may be shared) and the fitted selector."""
-    times = []
-    for _ in range(repeats):
-        sel = EnsembleSelection(ensemble_size=steps, metric=metric, vectorised=vectorised)
-        t0 = time.perf_counter()
-        sel.fit(P, y)
-        times.append(time.perf_counter() - t0)
-    return min(times), sel
+def timed_fit(P, y, steps: int, metric: str, vectorised: bool, repeats: int):
+    """Best wall time of ``repeats`` fits and the fitted selector."""
+    wall, _, sel = harness.best_of(repeats, lambda: EnsembleSelection(
+        ensemble_size=steps, metric=metric, vectorised=vectorised).fit(P, y))
+    return wall, sel
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--candidates", type=int, default=1000)
-    ap.add_argument("--samples", type=int, default=10000)
-    ap.add_argument("--classes", type=int, default=10)
+    ap = harness.synthetic_parser(__doc__, 1000)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--naive-steps", type=int, default=5,
                     help="greedy steps for the naive loop; its time is extrapolated per step")
     ap.add_argument("--metric", default="accuracy")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="time each fit this many times, keep the best")
     a = ap.parse_args()
 
-    P, y = make_candidates(a.candidates, a.samples, a.classes, a.seed)
+    P, y = harness.synthetic_matrix(a.candidates, a.samples, a.classes, a.seed)
     ns = min(a.naive_steps, a.steps)
     t_vec, vec = timed_fit(P, y, a.steps, a.metric, True, a.repeats)
     t_vec_few, vec_few = timed_fit(P, y, ns, a.metric, True, a.repeats)

@@ -1,53 +1,170 @@
-"""What the benchmarks share: the real datasets, running the CLIs in a child process, reading an experiment
-through the contract, scoring on the held-out labels, timing and peak memory, the report.
+"""What the benchmarks share: the repository on ``sys.path``, timing, child processes and their peak memory, running
+the CLIs, reading an experiment through the contract, synthetic candidates, scores and the report.
 
-Importing it puts the repository on ``sys.path`` (``_common``) so the project imports as it does in tests.
+Importing it puts the repository root on ``sys.path`` (and on ``PYTHONPATH``, so Ray workers and child processes
+import the same packages) and sets ``NO_ALBUMENTATIONS_UPDATE=1``. Its own imports stay light: a child process's
+peak memory starts at what its imports take.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import glob
 import json
 import os
+import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (the repository on sys.path, NO_ALBUMENTATIONS_UPDATE)
-import _real  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
 
-from core.experiment import Experiment, aligned  # noqa: E402
-from core.metrics import accuracy, log_loss  # noqa: E402
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
+RESULTS = os.path.join(BENCH, "results")
 
-REPO, RESULTS = _common.REPO, _common.RESULTS
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+_pp = os.environ.get("PYTHONPATH", "")
+if REPO not in _pp.split(os.pathsep):
+    os.environ["PYTHONPATH"] = REPO + (os.pathsep + _pp if _pp else "")
+
 DATA_ROOT = os.path.join(RESULTS, "real_data")     # the datasets are written once here (bench/results: gitignored)
-# Each real dataset: its builder in _real, the task whose layout it is written in, and flip TTA
-# (off for digits: a mirrored digit is another glyph).
+# Each real dataset: the task whose layout it is written in, and flip TTA (off for digits: a mirrored digit is
+# another glyph).
 DATASETS = {
     "mnist": dict(task="paddy", tta=False),
-    "animals": dict(task="imagefolder", tta=True),
-    "photos": dict(task="paddy", tta=True),
     "lfw": dict(task="deepfake", tta=True),
     "textures": dict(task="imagefolder", tta=True),
+    "animals": dict(task="imagefolder", tta=True),
+    "photos": dict(task="paddy", tta=True),
 }
+ARCHS = "test_resnet,test_efficientnet,efficientnet_lite0,mobilenetv3_small_050"   # the real-data searches
 
 
 def dataset(name: str, root: str = DATA_ROOT, **sizes) -> dict:
     """The dataset's info (folder, test_labels, classes, ...), written on first use."""
+    import _real
     return _real.BUILDERS[name](root, **sizes)
 
 
 def weights(root: str = DATA_ROOT) -> str:
     """The folder with the real ImageNet EfficientNet-Lite0 weights (written and checked once)."""
+    import _real
     return _real.weights_folder(root)["folder"]
 
 
-# --- child processes ----------------------------------------------------------------------
+# --- the machine and the report -------------------------------------------------------------
+
+def _proc_field(path: str, key: str) -> str | None:
+    try:
+        with open(path) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.lower().startswith(key)), None)
+    except OSError:
+        return None
+
+
+def gpu_name() -> str | None:
+    import torch
+    return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}" if torch.cuda.is_available() else None
+
+
+def machine_line() -> str:
+    """One line: date, CPU model, cores, RAM, GPU (or none), library versions."""
+    import torch
+    cores, usable = os.cpu_count(), len(os.sched_getaffinity(0))
+    ram = _proc_field("/proc/meminfo", "memtotal")
+    return (f"{datetime.datetime.now():%Y-%m-%d %H:%M} | "
+            f"{_proc_field('/proc/cpuinfo', 'model name') or platform.processor() or platform.machine()} | "
+            f"{cores} cores" + (f" ({usable} usable)" if usable != cores else "") + " | "
+            f"{int(ram.split()[0]) / 2**20 if ram else float('nan'):.0f} GiB RAM | GPU: {gpu_name() or 'none'} | "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def command_line() -> str:
+    """The command that ran this script, relative to the repository root where possible."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO)
+    return "python " + " ".join(shlex.quote(a) for a in [script] + sys.argv[1:])
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return str(v)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(script: str, title: str, body: str, notes: list[str] | None = None) -> str:
+    """Print the result block (title, machine, command, tables, notes) and write bench/results/<script>.md."""
+    parts = [f"### {title}", "", f"Machine: {machine_line()}", "", f"Command: `{command_line()}`", "", body]
+    if notes:
+        parts += [""] + [f"- {n}" for n in notes]
+    text = "\n".join(parts) + "\n"
+    path = os.path.join(RESULTS, f"{script}.md")
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    print("\n" + text, flush=True)
+    print(f"(written to {os.path.relpath(path, os.getcwd())})", flush=True)
+    return text
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def growth(counts: list, results: dict, measures: list[tuple]) -> str:
+    """Each (name, f(n, result), format) at every count, and its growth from the smallest count to the largest."""
+    lo, hi = counts[0], counts[-1]
+    table = [[name] + [fmt.format(f(n, results[n])) for n in counts]
+             + [f"{f(hi, results[hi]) / f(lo, results[lo]):.2f}x"] for name, f, fmt in measures]
+    return (f"\n\nGrowth from {lo:,} to {hi:,} images ({hi / lo:.0f}x the images):\n\n"
+            + md_table(["measure"] + [f"{n:,}" for n in counts] + ["growth"], table))
+
+
+# --- timing and memory ------------------------------------------------------------------------
+
+def best_of(repeats: int, fn, *args) -> tuple[float, float, object]:
+    """Least wall and least CPU (process) seconds of ``repeats`` calls ``fn(*args)``, and the last result.
+
+    The machine is shared: the least is the cleanest, and the CPU time leaves out the waits for a core.
+    """
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn(*args)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return min(wall), min(cpu), out
+
+
+def child_json(cmd: list[str]) -> dict:
+    """Run ``cmd`` (a Python step of its own); its last stdout line as JSON, plus its peak RSS ("rss_mib").
+
+    The peak is ``os.wait4``'s ru_maxrss: that process's own, so no step inherits another's memory (a child's
+    starts at its parent's RSS: keep the parent's imports light).
+    """
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)   # progress passes through stderr
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0 or not out.strip():
+        raise SystemExit(f"step failed: {show(cmd)}\n{out[-2000:]}")
+    return {**json.loads(out.strip().splitlines()[-1]), "rss_mib": usage.ru_maxrss / 1024}   # KiB on Linux
+
+
+def folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+# --- running the CLIs -------------------------------------------------------------------------
 
 def child_env(ray_tmp: str | None = None) -> dict:
     """The environment of a CLI run: offline, its own Ray temp dir, never another user's cluster."""
@@ -70,63 +187,262 @@ def show(cmd: list[str]) -> str:
     return " ".join(out)
 
 
-def run(cmd: list[str], log: str, timeout: float, env: dict | None = None) -> dict:
-    """Run ``cmd`` from the repository root in a session of its own, output to ``log``; rc, seconds, peak RSS.
+class CpuSampler(threading.Thread):
+    """CPU seconds of one process tree (the command, Ray and its workers) and of everything else on the machine.
 
-    A run past ``timeout`` is killed with its process group.
+    Every few seconds it reads utime + stime of every /proc/<pid>/stat; a process is ours when the command's pid
+    is among its ancestors or leads its session. The machine is shared: this says how much other work took.
     """
-    ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
-    env = env or child_env(ray_tmp)
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        f.write(f"$ {show(cmd)}\n")
-        f.flush()
-        p = subprocess.Popen(["/usr/bin/time", "-f", "peak_rss_kb %M", *cmd] if os.path.exists("/usr/bin/time")
-                             else cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def __init__(self, root_pid: int, every_s: float = 3.0):
+        super().__init__(daemon=True)
+        self.root, self.every_s, self.stop_event = root_pid, every_s, threading.Event()
+        self.tick, self.prev, self.ours, self.other = os.sysconf("SC_CLK_TCK"), {}, 0.0, 0.0
+        self.by_other: dict[str, float] = {}
+        self.loads: list[float] = []
+        self.t0 = time.time()
+
+    def sample(self) -> None:
+        procs = {}
+        for d in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                raw = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            r = raw.rfind(")")
+            rest = raw[r + 2:].split()
+            procs[int(d)] = (int(rest[1]), int(rest[3]), raw[raw.find("(") + 1:r], float(rest[11]) + float(rest[12]))
+        self.loads.append(os.getloadavg()[0])
+        first = not self.prev
+        for pid, (_, sid, comm, ticks) in procs.items():
+            delta = 0.0 if first else (ticks - self.prev.get(pid, 0.0)) / self.tick
+            self.prev[pid] = ticks
+            if delta <= 0:
+                continue
+            mine, p, seen = pid == self.root or sid == self.root or pid == os.getpid(), pid, 0
+            while not mine and p in procs and seen < 64:
+                p, seen = procs[p][0], seen + 1
+                mine = p == self.root
+            if mine:
+                self.ours += delta
+                continue
+            self.other += delta
+            try:
+                name = " ".join(open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")
+                                .decode(errors="replace").split())[:70] or comm
+            except OSError:
+                name = comm
+            self.by_other[name] = self.by_other.get(name, 0.0) + delta
+        self.prev = {pid: t for pid, t in self.prev.items() if pid in procs}
+
+    def run(self) -> None:
+        self.sample()
+        while not self.stop_event.wait(self.every_s):
+            self.sample()
+
+    def finish(self) -> dict:
+        self.stop_event.set()
+        self.join(timeout=10)
+        self.sample()
+        wall = time.time() - self.t0
+        top = sorted(self.by_other.items(), key=lambda kv: -kv[1])[:3]
+        return dict(wall_s=wall, ours_cpu_s=self.ours, other_cpu_s=self.other,
+                    other_cores=self.other / wall if wall else 0.0, ours_cores=self.ours / wall if wall else 0.0,
+                    load_mean=float(np.mean(self.loads)) if self.loads else None,
+                    load_max=float(np.max(self.loads)) if self.loads else None,
+                    top_other=[(name, round(sec, 1)) for name, sec in top if sec >= 1.0])
+
+
+def run(cmd: list[str], log: str, timeout: float, env: dict | None = None, tag: str | None = None,
+        cpu: bool = False) -> dict:
+    """Run ``cmd`` from the repository root in a session of its own: its stdout to ``log`` (and, with ``tag``,
+    echoed live), its stderr to ``log + '.stderr'``; rc, seconds, peak RSS, stdout lines, the stderr's last lines
+    and, with ``cpu``, a CpuSampler's figures. Past ``timeout`` seconds its process group is killed."""
+    if tag:
+        print(f"\n[{tag}] $ {show(cmd)}", flush=True)
+    ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")   # short: Ray's unix socket paths
+    rss_file = log + ".rss"
+    timed = ["/usr/bin/time", "-o", rss_file, "-f", "%M", *cmd] if os.path.exists("/usr/bin/time") else cmd
+    timed_out, lines = threading.Event(), []
+
+    def kill():
+        timed_out.set()
         try:
-            rc = p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, 9)
+            os.killpg(p.pid, signal.SIGTERM)
+            time.sleep(10)
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    t0 = time.perf_counter()
+    with open(log, "w") as out, open(log + ".stderr", "w") as err:
+        p = subprocess.Popen(timed, cwd=REPO, env=env or child_env(ray_tmp), stdout=subprocess.PIPE, stderr=err,
+                             text=True, bufsize=1, start_new_session=True)
+        timer, sampler = threading.Timer(timeout, kill), CpuSampler(p.pid) if cpu else None
+        timer.start()
+        if sampler:
+            sampler.start()
+        try:
+            for line in p.stdout:
+                out.write(line)
+                lines.append(line.rstrip("\n"))
+                if tag:
+                    print(f"[{tag}] {line}", end="", flush=True)
             rc = p.wait()
+        finally:
+            timer.cancel()
+            usage = sampler.finish() if sampler else None
     seconds = time.perf_counter() - t0
-    text = open(log, errors="replace").read()
-    rss = [int(line.split()[1]) for line in text.splitlines() if line.startswith("peak_rss_kb ")]
     subprocess.run(["rm", "-rf", ray_tmp])
-    return dict(cmd=show(cmd), rc=rc, seconds=seconds, peak_rss_mb=rss[-1] / 1024 if rss else None, log=log)
+    tail = [ln.rstrip("\n") for ln in open(log + ".stderr", errors="replace") if ln.strip()][-8:]
+    rss = open(rss_file).read().split() if os.path.exists(rss_file) else []
+    if rc != 0 and tag:
+        print(f"[{tag}] exit code {rc}{' (timed out)' if timed_out.is_set() else ''}; last stderr lines:\n"
+              + "\n".join(f"[{tag}]   {ln}" for ln in tail), flush=True)
+    return dict(cmd=show(cmd), rc=rc, seconds=seconds, timed_out=timed_out.is_set(), stdout=lines, cpu=usage,
+                stderr_tail=tail, peak_rss_mb=int(rss[-1]) / 1024 if rss and rss[-1].isdigit() else None, log=log)
 
 
-def best_of(fn, repeats: int = 3) -> float:
-    """The least wall seconds of ``repeats`` calls of ``fn()`` (the machine is shared: the least is the cleanest)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def search_command(task: str, info: dict, work: str, name: str, seed: int, *extra: str,
+                   archs: str = ARCHS, image_sizes: str = "32,48", tta: bool = True) -> list[str]:
+    """``python -m searchspace.run`` on a real dataset written by _real, offline, with the real weights."""
+    return [sys.executable, "-m", "searchspace.run", task, "--data", info["folder"], "--archs", archs,
+            "--image-sizes", image_sizes, "--seed", str(seed), "--storage", work, "--name", name,
+            *extra, *([] if tta else ["--no-tta"])]
 
 
-# --- scores ---------------------------------------------------------------------------------
+def start_ray():
+    """A local Ray with every core, its temp dir short enough for Ray's unix sockets (searchspace's own start-up)."""
+    import ray
+
+    from searchspace.ray_start import start_ray as start
+    if not ray.is_initialized():
+        start(num_cpus=os.cpu_count(), temp_dir=tempfile.mkdtemp(prefix="rb", dir="/tmp"), include_dashboard=False,
+              env={"PYTHONPATH": os.environ["PYTHONPATH"]})
+    return ray
+
+
+def search_in_process(argv: list[str]) -> float:
+    """``searchspace.run.main(argv)`` on this process's Ray; its wall seconds (a failed search stops the bench)."""
+    from searchspace import run
+
+    start_ray()
+    print(f"\n$ python -m searchspace.run {' '.join(argv)}", flush=True)
+    t0 = time.perf_counter()
+    rc = run.main(argv)
+    if rc != 0:
+        raise SystemExit(f"searchspace.run.main returned {rc}")
+    return time.perf_counter() - t0
+
+
+def prepare_digits_cache(cache_dir: str, folds: int, seed: int, sizes, modes=("squish", "crop", "letterbox"),
+                         workers: int | None = None):
+    """Write the digits PNGs and build the node cache for every (size, mode), keyed as a search keys it
+    (searchspace.prepare's fingerprint of the paths and byte sizes), so later trials find it warm.
+
+    Returns (data folder, the index DataFrame with folds, class names, cache key).
+    """
+    from core import storage
+    from searchspace.data import build_index
+    from searchspace.tasks import digits
+    from trainer.cache import cached_images, fingerprint
+
+    cache_dir = os.path.abspath(cache_dir)
+    data = storage.absolute(digits.default_data(cache_dir))
+    index, classes = build_index(digits.load(data).train.reset_index(drop=True), folds, seed)
+    paths = index["path"].tolist()
+    key = fingerprint(paths, [os.path.getsize(p) for p in paths])
+    for size in sizes:
+        for mode in modes:
+            cached_images(paths, key, int(size), mode, cache_dir, workers=workers or os.cpu_count())
+    return data, index, classes, key
+
+
+# --- synthetic candidates ---------------------------------------------------------------------
+
+def softmax_rows(z: np.ndarray) -> np.ndarray:
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def synthetic_candidates(m: int, n: int, C: int, seed: int = 0, n_test: int = 0):
+    """Labels (and test labels) and a stream of m candidates (skill, out-of-fold probs, test probs), one at a time.
+
+    Logits = skill * onehot(y) + per-sample noise shared by all candidates (hard samples are hard for all) + the
+    candidate's own noise, the skill varying across candidates: complementary candidates of unequal skill.
+    """
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, C, n)
+    y_test = rng.integers(0, C, n_test) if n_test else None
+    onehot = np.eye(C, dtype=np.float32)[y]
+    shared = rng.standard_normal((n, C), dtype=np.float32)
+    if n_test:
+        onehot_test = np.eye(C, dtype=np.float32)[y_test]
+        shared_test = rng.standard_normal((n_test, C), dtype=np.float32)
+    skill = rng.uniform(0.5, 3.0, m).astype(np.float32)
+
+    def stream():
+        for i in range(m):
+            oof = softmax_rows(skill[i] * onehot + shared + rng.standard_normal((n, C), dtype=np.float32))
+            test = softmax_rows(skill[i] * onehot_test + shared_test
+                                + rng.standard_normal((n_test, C), dtype=np.float32)) if n_test else None
+            yield float(skill[i]), oof, test
+    return y, y_test, stream()
+
+
+def synthetic_parser(doc: str, candidates: int) -> argparse.ArgumentParser:
+    """The options of a benchmark on synthetic candidates: their number and size, and the seed."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--candidates", type=int, default=candidates)
+    ap.add_argument("--samples", type=int, default=10000)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def synthetic_matrix(m: int, n: int, C: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates' probabilities as one (m, n, C) float32 array, and the labels."""
+    y, _, cands = synthetic_candidates(m, n, C, seed)
+    return np.stack([p for _, p, _ in cands]), y
+
+
+# --- scores on held-out labels, through the experiment contract -----------------------------------------
 
 def labels(info: dict, classes: list[str], order: list[str]) -> np.ndarray:
     """The held-out test labels (a CSV outside the data folder) in ``order``, as class indices."""
+    import pandas as pd
     df = pd.read_csv(info["test_labels"], dtype=str, keep_default_na=False)
     truth = dict(zip(df["image_id"], df["label"]))
+    missing = [s for s in order if s not in truth]
+    if missing:
+        raise RuntimeError(f"{len(missing)} test sample id(s) have no held-out label, e.g. {missing[:3]}")
     return np.array([classes.index(truth[s]) for s in order])
 
 
 def scores(y: np.ndarray, P: np.ndarray) -> dict:
+    from core.metrics import accuracy, log_loss
     return dict(accuracy=accuracy(y, P), log_loss=log_loss(y, P))
+
+
+def test_probs(table, order: list[str]) -> np.ndarray:
+    """A probability table's rows in ``order``, as float64."""
+    from core.experiment import aligned
+    return np.asarray(aligned(table, order), np.float64)
 
 
 def ensemble_test(location: str) -> tuple[list[str], np.ndarray]:
     """(test sample ids, the shipped ensemble's test probabilities, as its submission was made)."""
+    from core.experiment import Experiment
     exp = Experiment(location)
     order = exp.test()["sample_id"].tolist()
-    return order, np.asarray(aligned(exp.ensemble_test(), order), np.float64)
+    return order, test_probs(exp.ensemble_test(), order)
 
 
 def score_experiment(location: str, info: dict) -> dict:
     """The shipped ensemble on the held-out test labels; the members and what the selection chose."""
+    from core.experiment import Experiment
     exp = Experiment(location)
     order, P = ensemble_test(location)
     record = exp.ensemble()
@@ -134,6 +450,8 @@ def score_experiment(location: str, info: dict) -> dict:
                 members=[(m["candidate"], round(m["weight"], 3)) for m in record["members"]],
                 setting=record["cv"]["chosen"]["name"], cv_gain=record["cv"]["gain"])
 
+
+# --- cells over datasets and seeds ------------------------------------------------------------------
 
 def by_cell(rows: list[dict]) -> list[tuple[tuple[str, float], list[dict]]]:
     """Saved results grouped by (dataset, budget in minutes), in order: one table row per cell, over seeds."""
@@ -156,8 +474,11 @@ def over_cells(doc: str, cell, out: str, key: str, title: str, table, datasets: 
         for seed in map(int, a.seeds.split(",")):
             for name in a.datasets.split(","):
                 cell(name, seed, a.minutes)
-    rows = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "*.json")))]
-    report(key, title, table(rows))
+    report(key, title, table(load_json_dir(out)))
+
+
+def load_json_dir(folder: str) -> list[dict]:
+    return [json.load(open(p)) for p in sorted(glob.glob(os.path.join(folder, "*.json")))]
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
@@ -168,6 +489,9 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
 
 def spread_cell(values: list[float], digits: int = 4, sign: bool = False) -> str:
     """'mean ± sd' over seeds; for one seed the mean alone: a spread of 0 would claim a precision never measured."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
     m, sd = mean_spread(values)
     head = f"{m:+.{digits}f}" if sign else f"{m:.{digits}f}"
     return head if len(values) < 2 else f"{head} ± {sd:.{digits}f}"
@@ -177,6 +501,3 @@ def save_json(path: str, obj) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, default=str)
-
-
-md_table, machine_line, report = _common.md_table, _common.machine_line, _common.report

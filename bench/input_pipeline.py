@@ -1,21 +1,8 @@
 """Benchmark: images per second delivered to the model, classic decode-per-image vs the node cache.
 
-Every path ends with the same thing handed to the model: a normalised float
-batch (B, 3, 224, 224). All paths run in one process on the same JPEG files:
-
-- A "classic (seeds)": DataLoader, 2 workers; per image cv2.imread + BGR2RGB,
-  albumentations RandomResizedCrop(224, scale 0.35-1) + HorizontalFlip +
-  ColorJitter + Normalize + ToTensorV2.
-- B "ours, CPU": the node cache (trainer.cache.cached_images, 224 px, squish),
-  trainer.fit.CachedImages + trainer.augment.albumentations_pipeline in a
-  DataLoader (0 and 2 workers), then trainer.inference.to_input.
-- C "kornia on CPU": uint8 batches from the cache -> to_input with
-  trainer.augment.kornia_pipeline (same policy).
-
-Cold cost: building the cache once (fresh cache folder) against one epoch of A.
-The JPEGs (640x480, quality 90) are made from scikit-image's bundled photos,
-randomly cropped, colour-jittered and lightly noised, so decoding costs what
-real photos cost.
+Every path hands the model a normalised (B, 3, 224, 224) float batch from the same JPEGs (640x480, quality 90, made
+from scikit-image's photos): A classic DataLoader decoding each image + albumentations; B our node cache +
+albumentations (0 and 2 workers); C kornia on CPU over the cache. Cold: one cache build against one epoch of A.
 
     python bench/input_pipeline.py                                  # full run
     python bench/input_pipeline.py --images 200 --measure 256 --kornia-measure 64 --repeats 1   # smoke
@@ -32,8 +19,8 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (puts the repository on sys.path)
 import cv2  # noqa: E402
+import harness  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -210,9 +197,9 @@ def gpu_share(images: np.ndarray, policy, batch: int, steps: int) -> list[str]:
 
     aug_ms, step_ms = timed(aug_only), timed(step)
     share = aug_ms / (aug_ms + step_ms)
-    return [f"GPU ({_common.gpu_name()}): kornia augmentation {aug_ms:.2f} ms per batch of {batch}, "
+    return [f"GPU ({harness.gpu_name()}): kornia augmentation {aug_ms:.2f} ms per batch of {batch}, "
             f"resnet50 fwd+bwd+step {step_ms:.2f} ms (bf16/fp16 autocast, channels_last): "
-            f"augmentation {share:.1%} of the step time; target <= 10%: {_common.met(share <= 0.10)}"]
+            f"augmentation {share:.1%} of the step time; target <= 10%: {harness.met(share <= 0.10)}"]
 
 
 # --- main ----------------------------------------------------------------------
@@ -303,13 +290,13 @@ def main() -> None:
     classic_rate = results[0][3]
     table = [[name, workers, images, f"{rate:.0f}", f"{rate / classic_rate:.2f}x"]
              for name, workers, images, rate, _ in results]
-    body = _common.md_table(["path", "loader workers", "images timed", "img/s (median)", "vs classic"], table)
+    body = harness.md_table(["path", "loader workers", "images timed", "img/s (median)", "vs classic"], table)
     ours_best = max(results[1:3], key=lambda r: r[3])
     cold_rows = [[f"cache build, {w} thread(s), fresh folder", f"{s:.2f}", f"{s / epoch_s:.2f}x"]
                  for w, s in cold.items()]
     cold_rows.append([f"one epoch of A ({len(paths)} images, {a.classic_workers} workers, start-up included)",
                       f"{epoch_s:.2f}", "1.00x"])
-    body += "\n\nCold cost (same files):\n\n" + _common.md_table(["what", "seconds", "vs classic epoch"], cold_rows)
+    body += "\n\nCold cost (same files):\n\n" + harness.md_table(["what", "seconds", "vs classic epoch"], cold_rows)
 
     build_s = cold[max(cold)]
     notes = [
@@ -319,9 +306,9 @@ def main() -> None:
         f"RandomResizedCrop scale 0.35-1, hflip 0.5, ColorJitter 0.4 (p 0.8); cache: {SIZE} px squish",
         f"timing starts after {a.warmup} warm-up batch(es) (worker start-up excluded); median of {a.repeats} run(s)",
         f"target warm CPU path >= 5x classic: best ours ({ours_best[1]} workers) {ours_best[3] / classic_rate:.1f}x: "
-        f"{_common.met(ours_best[3] >= 5 * classic_rate)}",
+        f"{harness.met(ours_best[3] >= 5 * classic_rate)}",
         f"target cache build <= one classic epoch: {build_s:.2f} s vs {epoch_s:.2f} s "
-        f"({max(cold)} threads): {_common.met(build_s <= epoch_s)}"
+        f"({max(cold)} threads): {harness.met(build_s <= epoch_s)}"
         + (f"; with 1 thread: {cold[1]:.2f} s (a trial builds with all the node's cores)"
            if 1 in cold and max(cold) != 1 else ""),
     ]
@@ -329,7 +316,7 @@ def main() -> None:
         notes += gpu_share(cache, policy, a.batch, a.gpu_steps)
     else:
         notes.append("GPU: kornia augmentation share of a resnet50 step (target <= 10%): no GPU")
-    _common.report(SCRIPT, "Input pipeline: images per second to the model (224 px)", body, notes)
+    harness.report(SCRIPT, "Input pipeline: images per second to the model (224 px)", body, notes)
     if not a.keep_caches:
         shutil.rmtree(keep, ignore_errors=True)
 

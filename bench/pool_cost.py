@@ -1,22 +1,23 @@
 """The cost of ensemble_gain per report: reading the pool of finished trials and two greedy selections.
 
-A real experiment folder on local disk with m pool entries (fold-0 holdout
-predictions of n samples x C classes); a trial's first report reads the whole
-pool (a new actor), later reports read the listing and only new entries.
-Usage: ``python bench/pool_cost.py [--samples 2000] [--classes 10] [--pool 10,100,300]``
+A trial's first report reads the whole pool of an experiment on local disk (a new actor), later reports the
+listing and only new entries.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 import time
 
-import _common
-import numpy as np
-import pandas as pd
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
-from core.experiment import Experiment, probs_table
-from ensemble_builder.gain import Pool
+from core.experiment import Experiment, probs_table  # noqa: E402
+from ensemble_builder.gain import Pool  # noqa: E402
 
 
 def main() -> None:
@@ -46,17 +47,16 @@ def main() -> None:
                 exp.write_pool(f"t{t:04d}", probs_table(ids, model()))
             new = model()
             cold, warm = [], []
-            for _ in range(a.repeats):
+            for _ in range(a.repeats):   # the least of each: the machine is shared
                 pool = Pool(d, ids, y, "accuracy")
                 t0 = time.perf_counter()
                 pool.gain(new)
                 cold.append(time.perf_counter() - t0)
                 warm.append(pool.gain(new)[2])
             rows.append([m, n, C, f"{min(cold):.3f}", f"{min(warm):.3f}"])
-    print(f"Machine: {_common.machine_line()}\n")
-    print(f"Command: `python bench/pool_cost.py --samples {n} --classes {C} --pool {a.pool}`\n")
-    print(_common.md_table(["pool (finished trials)", "holdout samples", "classes",
-                            "first report s (reads the pool)", "later report s (listing + greedy)"], rows))
+    harness.report("pool_cost", "The cost of ensemble_gain per report", harness.md_table(
+        ["pool (finished trials)", "holdout samples", "classes", "first report s (reads the pool)",
+         "later report s (listing + greedy)"], rows))
 
 
 if __name__ == "__main__":

@@ -1,75 +1,59 @@
-"""Benchmark: start-up at scale on datasets made here, 20,000 and 100,000 small JPEGs by default.
+"""Benchmark: start-up at scale on JPEGs made here: the data, the index, the image check and the node cache.
 
-For each dataset size N, on a class-per-folder tree of N JPEGs (``--src-px``
-wide, 4:3, quality 90, made from scikit-image's bundled photos as in
-input_pipeline.py, each file a shifted, flipped, re-lit variant of one of 256
-crops), the start-up of a search, step by step:
-
-- the data: its bytes on disk (what a bucket holds);
-- listing: ``searchspace.tasks.imagefolder.load`` (the folder listed, the DataFrame made);
-- index: ``searchspace.data.build_index`` (labels and stratified folds, vectorised pandas), the index's memory
-  and its folds.parquet bytes;
-- first scan and second scan: ``trainer.images.scan`` with a fresh scan cache, then again with nothing changed;
-- node cache build: ``trainer.cache.cached_images`` at ``--px`` (images/s, peak RSS, the cache's bytes).
-
-The scans and the build run as scale_cache.py's steps (``scale_cache.run_step``):
-each in a Python process of its own, timed inside it, its peak RSS from
-``os.wait4``. Listing and index run likewise. Then the growth of each
-figure from the smallest size to the largest.
-
-Two other measurements join the report when asked for (off by default, so the
-data part runs alone): ``--trials 100,300,1000`` calls bench/driver_cost.py's
-``run`` (the driver's cost per trial), ``--selection 1000x100000x10`` calls
-bench/selection_scale.py's ``run`` (ensemble selection time and peak memory).
+Default: class-per-folder trees of ``--images`` small JPEGs (``--src-px`` wide, 4:3): listing and index, first and
+second scan (``trainer.images.scan``), node-cache build (``trainer.cache.cached_images``) and the growth of each
+figure; ``--trials`` and ``--selection`` add bench/driver_cost.py's and bench/selection_scale.py's measurements.
+``--check``: the image check alone on the first N of one set of 640x480 JPEGs: scan without a cache, first and
+second scan, a rescan with 1% of the files touched, and the cache build. Every step runs in a Python process of its
+own, timed inside it (imports excluded), its peak RSS its own (``os.wait4``). Every file is a shifted, flipped,
+re-lit variant of one of 256 crops of scikit-image's photos (input_pipeline.one_photo), quality 90.
 
     python bench/scale.py                                  # 20,000 and 100,000 images (~6 min on 2 cores)
     python bench/scale.py --images 500,2000                # smoke
     python bench/scale.py --trials 100,300,1000 --selection 1000x100000x10
+    python bench/scale.py --check --images 2000,20000,100000
+    python bench/scale.py --check --images 300,600         # smoke
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
-import importlib.util
 import io
 import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (puts the repository on sys.path)
 import cv2  # noqa: E402
+import harness  # noqa: E402
 import numpy as np  # noqa: E402
-import scale_cache  # noqa: E402
-from scale_cache import BASES, run_step  # noqa: E402
 
-SCRIPT = "scale"
 DATA_VERSION = 1
+BASES = 256  # distinct random crops of the source photos
 
 
 # --- data ----------------------------------------------------------------------
 
 def _path(folder: str, i: int, classes: int) -> str:
-    return os.path.join(folder, f"class_{i % classes:02d}", f"{i:06d}.jpg")
+    """class_<i % classes>/ for a listed dataset; with no classes, 10,000 files a folder."""
+    return os.path.join(folder, f"class_{i % classes:02d}" if classes else f"{i // 10000:02d}", f"{i:06d}.jpg")
 
 
-def _write_range(args: tuple[str, int, int, int, int, int]) -> None:
+def _write_range(args: tuple) -> None:
     """Write files [lo, hi) of the set; each file's content depends only on (seed, its index)."""
-    folder, lo, hi, seed, px, classes = args
-    from input_pipeline import QUALITY, one_photo, source_photos
+    folder, lo, hi, seed, px, classes, (dy0, dy1, dx0, dx1) = args
+    from input_pipeline import QUALITY, WIDTH, one_photo, source_photos
     photos = list(source_photos().values())
     w, h = px, px * 3 // 4
-    bases = [cv2.resize(one_photo(photos[b % len(photos)], np.random.default_rng((seed, b))), (w, h),
-                        interpolation=cv2.INTER_AREA) for b in range(BASES)]
+    bases = [one_photo(photos[b % len(photos)], np.random.default_rng((seed, b))) for b in range(BASES)]
+    if px != WIDTH:
+        bases = [cv2.resize(b, (w, h), interpolation=cv2.INTER_AREA) for b in bases]
     for i in range(lo, hi):
         rng = np.random.default_rng((seed, BASES + i))
-        img = np.roll(bases[int(rng.integers(BASES))], (int(rng.integers(-h // 12, h // 12 + 1)),
-                                                        int(rng.integers(-w // 10, w // 10 + 1))), (0, 1))
+        img = np.roll(bases[int(rng.integers(BASES))], (int(rng.integers(dy0, dy1)), int(rng.integers(dx0, dx1))),
+                      (0, 1))
         if rng.random() < 0.5:
             img = img[:, ::-1]
         img = cv2.convertScaleAbs(img, alpha=rng.uniform(0.85, 1.15), beta=rng.uniform(-15, 15))
@@ -77,173 +61,148 @@ def _write_range(args: tuple[str, int, int, int, int, int]) -> None:
             raise SystemExit(f"cannot write {_path(folder, i, classes)}")
 
 
-def make_jpegs(workdir: str, n: int, px: int, classes: int, seed: int, procs: int) -> str:
-    """A class-per-folder tree of n JPEGs, <workdir>/jpeg-<n>; kept for the next run while its settings match.
-
-    Each size is a folder of its own, so the loader lists exactly n files; file
-    i has the same content in every size's folder.
-    """
-    folder = os.path.join(workdir, f"jpeg-{n}")
-    manifest = folder + ".json"  # beside the tree, which holds only images
-    want = {"seed": seed, "version": DATA_VERSION, "px": px, "classes": classes, "bases": BASES, "count": n}
+def make_jpegs(folder: str, n: int, px: int, classes: int, seed: int, shift: tuple) -> list[str]:
+    """The first n files of the set in ``folder``, writing only those a previous run with the same settings did not
+    (the manifest lies beside the tree, which holds only images)."""
+    manifest = folder + ".json"
+    want = {"seed": seed, "version": DATA_VERSION, "px": px, "classes": classes, "bases": BASES}
+    have = 0
     if os.path.exists(manifest):
-        with open(manifest) as f:
-            if json.load(f) == want:
-                return folder
-    shutil.rmtree(folder, ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(manifest)
-    for c in range(classes):
-        os.makedirs(os.path.join(folder, f"class_{c:02d}"))
+        m = json.load(open(manifest))
+        have = m["count"] if {k: m.get(k) for k in want} == want else 0
+    if have == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    if n > have:
+        for i in range(have, n):
+            os.makedirs(os.path.dirname(_path(folder, i, classes)), exist_ok=True)
+        t0, procs = time.perf_counter(), os.cpu_count() or 1
+        step = -(-(n - have) // procs)
+        ranges = [(folder, lo, min(n, lo + step), seed, px, classes, shift) for lo in range(have, n, step)]
+        from multiprocessing import get_context
+        with get_context("fork").Pool(len(ranges)) as pool:
+            pool.map(_write_range, ranges)
+        json.dump({**want, "count": n}, open(manifest, "w"))
+        print(f"wrote JPEGs {have:,}..{n:,} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return [_path(folder, i, classes) for i in range(n)]
+
+
+# --- one step in a process of its own ---------------------------------------------
+
+def child(a) -> None:
+    """One step, its JSON on the last stdout line: index (listing + index of --data), scan or build (of --list)."""
+    if a.child == "index":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from searchspace.data import build_index
+        from searchspace.tasks import imagefolder
+
+        imports_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        t0 = time.perf_counter()
+        dataset = imagefolder.load(a.data)
+        t1 = time.perf_counter()
+        index, classes = build_index(dataset.train.reset_index(drop=True), a.folds, a.seed)
+        t2 = time.perf_counter()
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(index, preserve_index=False), buf)
+        json.dump(index["path"].tolist(), open(a.list, "w"))
+        return print(json.dumps({"list_s": t1 - t0, "index_s": t2 - t1, "index_mb": index.memory_usage(
+            deep=True).sum() / 1e6, "folds_parquet_mb": buf.tell() / 1e6, "classes": len(classes),
+            "images": len(index), "imports_mib": imports_mib}))
+    from trainer.cache import cached_images, fingerprint
+    from trainer.images import decode_checks, scan
+
+    paths = json.load(open(a.list))
     t0 = time.perf_counter()
-    step = -(-n // procs)
-    ranges = [(folder, lo, min(n, lo + step), seed, px, classes) for lo in range(0, n, step)]
-    from multiprocessing import get_context
-    with get_context("fork").Pool(len(ranges)) as pool:
-        pool.map(_write_range, ranges)
-    with open(manifest, "w") as f:
-        json.dump(want, f)
-    print(f"wrote {n:,} JPEGs in {time.perf_counter() - t0:.0f} s", flush=True)
-    return folder
+    if a.child == "scan":
+        _, bad = scan(paths, workers=a.scan_workers, cache_dir=a.cache_dir or None)
+        out = {"bad": len(bad), "read": decode_checks()}
+    else:
+        key = fingerprint(paths, [os.path.getsize(p) for p in paths])
+        cached_images(paths, key, a.px, a.mode, a.cache_dir, workers=a.build_workers)
+        out = {}
+    print(json.dumps({**out, "seconds": time.perf_counter() - t0}), flush=True)
 
 
-# --- listing and index (in a process of its own) -----------------------------------
-
-def index_child(a) -> None:
-    """Listing and index of --data: a JSON line of times and sizes; the index's paths into --list."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from searchspace.data import build_index
-    from searchspace.tasks import imagefolder
-
-    imports_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    t0 = time.perf_counter()
-    dataset = imagefolder.load(a.data)
-    t1 = time.perf_counter()
-    index, classes = build_index(dataset.train.reset_index(drop=True), a.folds, a.seed)
-    t2 = time.perf_counter()
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(index, preserve_index=False), buf)
-    with open(a.list, "w") as f:
-        json.dump(index["path"].tolist(), f)
-    print(json.dumps({"list_s": t1 - t0, "index_s": t2 - t1, "index_mb": index.memory_usage(deep=True).sum() / 1e6,
-                      "folds_parquet_mb": buf.tell() / 1e6, "classes": len(classes), "images": len(index),
-                      "imports_mib": imports_mib}))
+def run_step(a, step: str, paths_file: str, cache_dir: str = "", data: str = "") -> dict:
+    """Run one step with --child; its JSON line plus its peak RSS in MiB."""
+    if a.drop_caches and step != "index":
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    return harness.child_json([
+        sys.executable, os.path.abspath(__file__), "--child", step, "--list", paths_file, "--cache-dir", cache_dir,
+        "--data", data, "--px", str(a.px), "--mode", a.mode, "--scan-workers", str(a.scan_workers),
+        "--build-workers", str(a.build_workers), "--folds", str(a.folds), "--seed", str(a.seed)])
 
 
-def index_step(a, data: str, paths_file: str) -> dict:
-    """index_child in a fresh Python process: its JSON line plus its peak RSS in MiB.
-
-    As in scale_cache.run_step, a step of its own so that its peak RSS is its
-    own: a child's ru_maxrss starts at its parent's RSS, so this process
-    keeps its imports light.
-    """
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "index", "--data", data, "--list", paths_file,
-           "--folds", str(a.folds), "--seed", str(a.seed)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"index step failed: {' '.join(cmd)}")
-    return {**json.loads(out.strip().splitlines()[-1]), "rss_mib": usage.ru_maxrss / 1024}
+def write_list(a, n: int, paths: list[str]) -> str:
+    path = os.path.join(a.workdir, f"paths-{n}.json")
+    json.dump(paths, open(path, "w"))
+    return path
 
 
-# --- the other helpers' measurements, when asked for --------------------------------
-
-def _require(name: str) -> None:
-    """Stop now, before the long part, if bench/<name>.py is missing (found without importing it)."""
-    if importlib.util.find_spec(name) is None:
-        raise SystemExit(f"bench/{name}.py is not there (yet); run without the flag that needs it")
+def caches_of(a, n: int) -> tuple[str, str, str]:
+    caches = os.path.join(a.workdir, f"caches-{n}")
+    shutil.rmtree(caches, ignore_errors=True)
+    return caches, os.path.join(caches, "scan"), os.path.join(caches, "build")
 
 
-def _as_markdown(result) -> str:
-    """A helper's result as report text: a string as it is, rows (dicts) as a table, a dict as two columns."""
-    if isinstance(result, str):
-        return result
-    if isinstance(result, dict):
-        return _common.md_table(["measure", "value"], [[k, v] for k, v in result.items()])
-    rows = list(result)
-    if rows and all(isinstance(r, dict) for r in rows):
-        headers = list(dict.fromkeys(k for r in rows for k in r))
-        return _common.md_table(headers, [[r.get(k, "") for k in headers] for r in rows])
-    return f"```\n{json.dumps(result, indent=1, default=str)}\n```"
+def finish_sizes(r: dict, caches: str) -> None:
+    r["cache_gb"] = harness.folder_bytes(os.path.join(caches, "build")) / 1e9
+    r["verdicts_mb"] = os.path.getsize(os.path.join(caches, "scan", "image_checks.sqlite")) / 1e6
+    shutil.rmtree(caches, ignore_errors=True)
 
 
-# --- main ----------------------------------------------------------------------
+def load_note(before: tuple) -> str:
+    return (f"load average (1, 5 min) {before[0]:.1f}, {before[1]:.1f} before, {os.getloadavg()[0]:.1f}, "
+            f"{os.getloadavg()[1]:.1f} after, on {os.cpu_count()} cores (other processes share them: absolute "
+            "times are noisy, ratios less so)")
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", default="20000,100000", help="dataset sizes, comma-separated (default 20000,100000)")
-    ap.add_argument("--src-px", type=int, default=128, help="JPEG width; height 3/4 of it (default 128)")
-    ap.add_argument("--px", type=int, default=64, help="node cache image size (default 64)")
-    ap.add_argument("--mode", default="squish")
-    ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--scan-workers", type=int, default=8, help="scan threads (scan's default, as a search uses)")
-    ap.add_argument("--build-workers", type=int, default=os.cpu_count(), help="cache build threads (default: cores)")
-    ap.add_argument("--workdir", default="/tmp/bench_scale", help="JPEGs and caches go here")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--drop-caches", action="store_true", help="empty the OS page cache before every step (root)")
-    ap.add_argument("--trials", default="", help="also bench/driver_cost.py at these trial counts, e.g. 100,300,1000")
-    ap.add_argument("--selection", default="", help="also bench/selection_scale.py, CANDIDATESxSAMPLESxCLASSES")
-    ap.add_argument("--child", choices=["index"], help=argparse.SUPPRESS)
-    ap.add_argument("--data", help=argparse.SUPPRESS)
-    ap.add_argument("--list", help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.child:
-        return index_child(a)
 
-    # The other scripts are imported only after the data part: an import here would
-    # raise the floor of every child's peak RSS (a child starts at its parent's).
-    for flag, name in ((a.trials, "driver_cost"), (a.selection, "selection_scale")):
-        if flag:
-            _require(name)
-    counts = sorted(int(x) for x in a.images.split(","))
-    load_before = os.getloadavg()
-    os.makedirs(a.workdir, exist_ok=True)
-    datas = {n: make_jpegs(a.workdir, n, a.src_px, a.classes, a.seed, os.cpu_count() or 1) for n in counts}
+def page_cache(a) -> str:
+    return "the OS page cache emptied before every step" if a.drop_caches else "all in the OS page cache (warm)"
+
+
+# --- the start-up, step by step ---------------------------------------------------------
+
+def startup(a, counts: list[int]) -> tuple[str, list[str]]:
     rows, results = [], {}
+    shift = (-(a.src_px * 3 // 4) // 12, (a.src_px * 3 // 4) // 12 + 1, -a.src_px // 10, a.src_px // 10 + 1)
+    datas = {n: os.path.join(a.workdir, f"jpeg-{n}") for n in counts}
+    for n in counts:   # each size a folder of its own, so the loader lists exactly n files
+        make_jpegs(datas[n], n, a.src_px, a.classes, a.seed, shift)
     for n in counts:
         print(f"--- {n:,} images", flush=True)
         paths_file = os.path.join(a.workdir, f"paths-{n}.json")
-        r = {"index": index_step(a, datas[n], paths_file)}
-        with open(paths_file) as f:
-            paths = json.load(f)
+        r = {"index": run_step(a, "index", paths_file, data=datas[n])}
+        paths = json.load(open(paths_file))
         if len(paths) != n:
             raise SystemExit(f"{datas[n]}: {len(paths):,} images listed, {n:,} written")
         r["data_gb"] = sum(os.path.getsize(p) for p in paths) / 1e9
-        caches = os.path.join(a.workdir, f"caches-{n}")
-        shutil.rmtree(caches, ignore_errors=True)
-        r["first"] = run_step(a, "scan", paths_file, os.path.join(caches, "scan"))
+        caches, scan_dir, build_dir = caches_of(a, n)
+        r["first"] = run_step(a, "scan", paths_file, scan_dir)
         # The second start is short, so the machine's load moves it most: the median of three.
-        seconds = sorted((run_step(a, "scan", paths_file, os.path.join(caches, "scan")) for _ in range(3)),
-                         key=lambda x: x["seconds"])
+        seconds = sorted((run_step(a, "scan", paths_file, scan_dir) for _ in range(3)), key=lambda x: x["seconds"])
         r["second"], r["second_range"] = seconds[1], (seconds[0]["seconds"], seconds[-1]["seconds"])
-        r["build"] = run_step(a, "build", paths_file, os.path.join(caches, "build"))
-        r["cache_gb"] = scale_cache._folder_bytes(os.path.join(caches, "build")) / 1e9
-        r["verdicts_mb"] = os.path.getsize(os.path.join(caches, "scan", "image_checks.sqlite")) / 1e6
+        r["build"] = run_step(a, "build", paths_file, build_dir)
+        finish_sizes(r, caches)
         print("  " + json.dumps(r), flush=True)
         results[n] = r
         rows.append([f"{n:,}", f"{r['data_gb']:.3f}", f"{r['data_gb'] * 1e9 / n / 1024:.1f}",
                      f"{r['index']['list_s']:.2f}", f"{r['index']['index_s']:.2f}", f"{r['index']['index_mb']:.1f}",
-                     f"{r['index']['rss_mib']:.0f} ({r['index']['imports_mib']:.0f})",
-                     f"{r['first']['seconds']:.1f}",
+                     f"{r['index']['rss_mib']:.0f} ({r['index']['imports_mib']:.0f})", f"{r['first']['seconds']:.1f}",
                      f"{r['second']['seconds']:.2f} ({r['second_range'][0]:.2f}-{r['second_range'][1]:.2f})",
                      f"{r['first']['seconds'] / r['second']['seconds']:.0f}x", r["second"]["read"],
                      f"{max(r[s]['rss_mib'] for s in ('first', 'second')):.0f}", f"{r['verdicts_mb']:.1f}",
-                     f"{n / r['build']['seconds']:.0f}", f"{r['build']['rss_mib']:.0f}",
-                     f"{r['cache_gb']:.3f}"])
-        shutil.rmtree(caches, ignore_errors=True)
-
-    body = _common.md_table(
+                     f"{n / r['build']['seconds']:.0f}", f"{r['build']['rss_mib']:.0f}", f"{r['cache_gb']:.3f}"])
+    body = harness.md_table(
         ["images", "JPEGs GB", "KiB/JPEG", "listing s", "index + folds s", "index MB",
          "listing + index peak RSS MiB (imports alone)", "first scan s", "second scan s (median of 3)",
          "first/second", "files read, second", "scan peak RSS MiB", "verdicts MB", f"build {a.px} px img/s",
          "build peak RSS MiB", "cache GB"], rows)
-    lo, hi = counts[0], counts[-1]
-    if hi > lo:
-        measures = [
+    if counts[-1] > counts[0]:
+        body += harness.growth(counts, results, [
             ("JPEGs GB", lambda n, r: r["data_gb"], "{:.3f}"),
             ("listing s", lambda n, r: r["index"]["list_s"], "{:.2f}"),
             ("index + folds s", lambda n, r: r["index"]["index_s"], "{:.2f}"),
@@ -256,43 +215,119 @@ def main() -> None:
             ("verdicts MB", lambda n, r: r["verdicts_mb"], "{:.1f}"),
             ("build img/s", lambda n, r: n / r["build"]["seconds"], "{:.0f}"),
             ("build peak RSS MiB", lambda n, r: r["build"]["rss_mib"], "{:.0f}"),
-            ("cache GB", lambda n, r: r["cache_gb"], "{:.3f}"),
-        ]
-        table = [[name] + [fmt.format(f(n, results[n])) for n in counts]
-                 + [f"{f(hi, results[hi]) / f(lo, results[lo]):.2f}x"] for name, f, fmt in measures]
-        body += (f"\n\nGrowth from {lo:,} to {hi:,} images ({hi / lo:.0f}x the images):\n\n"
-                 + _common.md_table(["measure"] + [f"{n:,}" for n in counts] + ["growth"], table))
-    per_image = results[hi]["cache_gb"] * 1e9 / hi
+            ("cache GB", lambda n, r: r["cache_gb"], "{:.3f}")])
+    per_image = results[counts[-1]]["cache_gb"] * 1e9 / counts[-1]
     notes = [
         (f"JPEGs: {a.src_px}x{a.src_px * 3 // 4}, quality 90, {BASES} crops of scikit-image's bundled photos, "
-         f"{a.classes} class folders; " + ("the OS page cache emptied before every step" if a.drop_caches
-                                           else "all in the OS page cache (warm)")),
+         f"{a.classes} class folders; {page_cache(a)}"),
         (f"scan: {a.scan_workers} threads; build: {a.build_workers} threads, {a.px} px {a.mode}; scans and build "
          "each in a fresh process, timed inside it (imports excluded), peak RSS = its ru_maxrss; listing + index "
-         "likewise (searchspace.tasks.imagefolder.load, then build_index with "
-         f"{a.folds} stratified folds)"),
+         f"likewise (searchspace.tasks.imagefolder.load, then build_index with {a.folds} stratified folds)"),
         (f"node cache: {per_image:,.0f} bytes per image at {a.px} px ({a.px}x{a.px}x3 = {a.px * a.px * 3:,}): "
-         "size x size x 3 bytes, whatever the JPEG's size"),
-        (f"load average (1, 5 min) {load_before[0]:.1f}, {load_before[1]:.1f} before, "
-         f"{os.getloadavg()[0]:.1f}, {os.getloadavg()[1]:.1f} after, on {os.cpu_count()} cores (other processes "
-         "share them: absolute times are noisy, ratios less so)"),
-    ]
+         "size x size x 3 bytes, whatever the JPEG's size")]
+    return body, notes
 
-    # --- the driver's cost per trial and the selection at scale (other scripts, on request) ---
+
+# --- the image check alone (--check) ------------------------------------------------------
+
+def check(a, counts: list[int]) -> tuple[str, list[str]]:
+    all_paths = make_jpegs(os.path.join(a.workdir, "jpeg"), counts[-1], 640, 0, a.seed, (-40, 40, -60, 60))
+    rows, results = [], {}
+    for n in counts:
+        paths = all_paths[:n]
+        paths_file = write_list(a, n, paths)
+        data_gb = sum(os.path.getsize(p) for p in paths) / 1e9
+        caches, scan_dir, build_dir = caches_of(a, n)
+        print(f"--- {n:,} images ({data_gb:.2f} GB)", flush=True)
+        r = {"today": run_step(a, "scan", paths_file)}
+        r["first"] = run_step(a, "scan", paths_file, scan_dir)
+        r["second"] = run_step(a, "scan", paths_file, scan_dir)
+        now = time.time()
+        for p in paths[::100]:
+            os.utime(p, (now, now))
+        r["touched"] = run_step(a, "scan", paths_file, scan_dir)
+        r["build"] = run_step(a, "build", paths_file, build_dir)
+        for step, v in r.items():
+            print(f"  {step}: {json.dumps(v)}", flush=True)
+        finish_sizes(r, caches)
+        results[n] = r
+        rows.append([f"{n:,}", f"{data_gb:.2f}", f"{r['today']['seconds']:.1f}", f"{r['first']['seconds']:.1f}",
+                     f"{r['second']['seconds']:.2f}", f"{r['first']['seconds'] / r['second']['seconds']:.0f}x",
+                     r["second"]["read"], f"{r['touched']['seconds']:.2f} ({r['touched']['read']})",
+                     f"{max(r[s]['rss_mib'] for s in ('first', 'second', 'touched')):.0f}",
+                     f"{r['build']['seconds']:.1f}", f"{n / r['build']['seconds']:.0f}",
+                     f"{r['build']['rss_mib']:.0f}", f"{r['cache_gb']:.2f}", f"{r['verdicts_mb']:.1f}"])
+    body = harness.md_table(
+        ["images", "JPEGs GB", "scan, no cache s", "first scan s", "second scan s", "first/second",
+         "files read, second", "1% touched: s (files read)", "scan peak RSS MiB", f"build {a.px}px s",
+         "build img/s", "build peak RSS MiB", "cache GB", "verdicts MB"], rows)
+    if counts[-1] > counts[0]:
+        body += harness.growth(counts, results, [
+            ("first scan s", lambda n, r: r["first"]["seconds"], "{:.1f}"),
+            ("second scan s", lambda n, r: r["second"]["seconds"], "{:.2f}"),
+            ("build s", lambda n, r: r["build"]["seconds"], "{:.1f}"),
+            ("build img/s", lambda n, r: n / r["build"]["seconds"], "{:.0f}"),
+            ("build peak RSS MiB", lambda n, r: r["build"]["rss_mib"], "{:.0f}"),
+            ("second-scan peak RSS MiB", lambda n, r: r["second"]["rss_mib"], "{:.0f}")])
+    worst = min(results[n]["first"]["seconds"] / results[n]["second"]["seconds"] for n in counts)
+    notes = [
+        f"JPEGs: 640x480, quality 90, {BASES} random crops of scikit-image's bundled photos; {page_cache(a)}",
+        (f"scan: {a.scan_workers} threads; build: {a.build_workers} threads, {a.px} px {a.mode}; "
+         "each step in a fresh process, timed inside it; peak RSS = ru_maxrss of that process"),
+        ("first scan = the no-cache scan plus stat calls and sqlite commits; second scan = a stat per file and "
+         "one sqlite lookup per 500 files, no file read"),
+        f"target: second start >= 10x faster than the first: worst {worst:.0f}x: {harness.met(worst >= 10)}"]
+    return body, notes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="the image check and the cache build alone, 640x480 JPEGs")
+    ap.add_argument("--images", help="dataset sizes, comma-separated (default 20000,100000; --check 2000,20000)")
+    ap.add_argument("--src-px", type=int, default=128, help="JPEG width; height 3/4 of it (default 128)")
+    ap.add_argument("--px", type=int, default=64, help="node cache image size (default 64)")
+    ap.add_argument("--mode", default="squish")
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--scan-workers", type=int, default=8, help="scan threads (scan's default, as a search uses)")
+    ap.add_argument("--build-workers", type=int, default=os.cpu_count(), help="cache build threads (default: cores)")
+    ap.add_argument("--workdir", help="JPEGs and caches go here (default /tmp/bench_scale, --check "
+                                      "/tmp/bench_scale_cache)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--drop-caches", action="store_true", help="empty the OS page cache before every step (root)")
+    ap.add_argument("--trials", default="", help="also bench/driver_cost.py at these trial counts, e.g. 100,300,1000")
+    ap.add_argument("--selection", default="", help="also bench/selection_scale.py, CANDIDATESxSAMPLESxCLASSES")
+    ap.add_argument("--child", choices=["index", "scan", "build"], help=argparse.SUPPRESS)
+    for hidden in ("--data", "--list", "--cache-dir"):
+        ap.add_argument(hidden, default="", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child(a)
+    a.workdir = os.path.abspath(a.workdir or ("/tmp/bench_scale_cache" if a.check else "/tmp/bench_scale"))
+    counts = sorted(int(x) for x in (a.images or ("2000,20000" if a.check else "20000,100000")).split(","))
+    load_before = os.getloadavg()
+    os.makedirs(a.workdir, exist_ok=True)
+    body, notes = (check if a.check else startup)(a, counts)
+    notes.append(load_note(load_before))
+    # The other scripts are imported only now: an import before the steps would raise the floor of every
+    # child's peak RSS (a child starts at its parent's).
     if a.trials:
-        mod = importlib.import_module("driver_cost")
-        rows = mod.run([int(t) for t in a.trials.split(",")], os.path.join(a.workdir, "driver_cost"))
-        body += (f"\n\nThe driver's cost per trial at {a.trials} trials (bench/driver_cost.py):\n\n"
-                 + (mod.tables(rows) if hasattr(mod, "tables") else _as_markdown(rows)))
+        import driver_cost
+        rows = driver_cost.run([int(t) for t in a.trials.split(",")], os.path.join(a.workdir, "driver_cost"))
+        body += f"\n\nThe driver's cost per trial at {a.trials} trials (bench/driver_cost.py):\n\n"
+        body += driver_cost.tables(rows)
     if a.selection:
-        mod = importlib.import_module("selection_scale")
+        import selection_scale
         candidates, samples, classes = (int(x) for x in a.selection.lower().split("x"))
-        result = mod.run(candidates, samples, classes, root=a.workdir)
+        result = selection_scale.run(candidates, samples, classes, root=a.workdir)
         body += (f"\n\nEnsemble selection at {candidates:,} candidates x {samples:,} samples x {classes} classes "
-                 "(bench/selection_scale.py):\n\n"
-                 + (mod.table([result]) if hasattr(mod, "table") else _as_markdown(result)))
-        notes += mod.notes([result]) if hasattr(mod, "notes") else []
-    _common.report(SCRIPT, "Start-up at scale: the data, the index, the image check and the node cache", body, notes)
+                 "(bench/selection_scale.py):\n\n" + selection_scale.table([result]))
+        notes += selection_scale.notes([result])
+    if a.check:
+        harness.report("scale_cache", "Start-up at scale: image check and node cache build", body, notes)
+    else:
+        harness.report("scale", "Start-up at scale: the data, the index, the image check and the node cache", body,
+                       notes)
 
 
 if __name__ == "__main__":

@@ -1,30 +1,20 @@
 """Benchmark: the cost of cross-validating the greedy ensemble selection, against one plain selection.
 
-On synthetic out-of-fold probabilities (those of bench/ensemble_selection.py:
-softmax of noisy logits, float32) with samples dealt round-robin into folds,
-times ``ensemble_builder.crossval.SelectionCV`` as ``python -m ensemble_builder
-select`` runs it (steps chosen from 5/10/25/50, the best-single fallback, the
-uniform top-K beside them, at most --top distinct members): in all, and less
-the final refit on every sample (the one selection ``select`` always ran),
-which leaves the cost of the cross-validation itself: one selection per fold,
-the settings search and the scoring. Each time is the best of --repeats runs,
-wall clock and CPU: the work is single-threaded, so on a shared machine the CPU
-time is close to what the wall time would be on a quiet one; the target is judged on it.
+``SelectionCV`` as ``ensemble_builder select`` runs it, on synthetic candidates (harness.synthetic_matrix) in
+round-robin folds, in all and less the final refit (the one selection ``select`` always ran): the cost of the
+cross-validation itself. Best of --repeats, wall and CPU (single-threaded: the target is judged on the CPU time).
 
     python bench/selection_cv.py                                   # 50 x 10,000 x 10, 5 folds
     python bench/selection_cv.py --candidates 10 --samples 1000 --repeats 1   # smoke
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (puts the repository on sys.path)
+import harness  # noqa: E402
 import numpy as np  # noqa: E402
-from ensemble_selection import make_candidates  # noqa: E402
 
 from core.metrics import METRICS  # noqa: E402
 from ensemble_builder.crossval import STEPS_GRID, SelectionCV  # noqa: E402
@@ -34,43 +24,25 @@ SCRIPT = "selection_cv"
 TARGET_S = 1.0   # the cross-validation (folds' selections + settings search) must stay well under this
 
 
-def best_time(repeats: int, fn, *args):
-    """Best wall and best CPU (process) time of ``repeats`` calls ``fn(*args)``, and the last result.
-
-    The CPU time leaves out the waits for a core on a shared machine (the work is single-threaded).
-    """
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = fn(*args)
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return min(wall), min(cpu), out
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--candidates", type=int, default=50)
-    ap.add_argument("--samples", type=int, default=10000)
-    ap.add_argument("--classes", type=int, default=10)
+    ap = harness.synthetic_parser(__doc__, 50)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--top", type=int, default=5, help="most distinct members, and K of the uniform top-K (as select)")
     ap.add_argument("--metrics", default="accuracy,log_loss")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args()
 
-    P, y = make_candidates(a.candidates, a.samples, a.classes, a.seed)
+    P, y = harness.synthetic_matrix(a.candidates, a.samples, a.classes, a.seed)
     folds = np.arange(a.samples) % a.folds
     rows = []
     for metric in a.metrics.split(","):
         cv = SelectionCV(metric, n_init=1, max_members=a.top, top=a.top, random_state=a.seed)
-        t_total, c_total, fitted = best_time(a.repeats, cv.fit, P, y, folds)
+        t_total, c_total, fitted = harness.best_of(a.repeats, cv.fit, P, y, folds)
         chosen = fitted.settings_[fitted.chosen_]
         refit = EnsembleSelection(chosen["steps"], metric, max_members=a.top, random_state=a.seed)
-        t_refit, c_refit, _ = best_time(a.repeats, refit.fit, P, y)
+        t_refit, c_refit, _ = harness.best_of(a.repeats, refit.fit, P, y)
         plain = EnsembleSelection(50, metric, max_members=a.top, random_state=a.seed)
-        t_plain, c_plain, _ = best_time(a.repeats, plain.fit, P, y)
+        t_plain, c_plain, _ = harness.best_of(a.repeats, plain.fit, P, y)
         # what select now does on top of the one selection it always ran
         t_cv, c_cv = t_total - t_refit, c_total - c_refit
         fn, sign = METRICS[metric].fn, METRICS[metric].sign
@@ -78,8 +50,8 @@ def main() -> None:
         in_sample_gain = sign * (fn(y, plain.predict_proba(P)) - single)
         rows.append([metric, a.folds, f"{t_cv:.3f}", f"{c_cv:.3f}", f"{t_total:.3f}", f"{t_refit:.3f}",
                      f"{t_plain:.3f}", f"{c_plain:.3f}", f"{c_cv / c_plain:.1f}x", chosen["name"],
-                     f"{fitted.gain_:+.4f}", f"{in_sample_gain:+.4f}", _common.met(c_cv < TARGET_S)])
-    body = _common.md_table(
+                     f"{fitted.gain_:+.4f}", f"{in_sample_gain:+.4f}", harness.met(c_cv < TARGET_S)])
+    body = harness.md_table(
         ["metric", "folds", "CV s (folds + settings)", "CV CPU s", "SelectionCV.fit s", "refit s",
          "plain 50-step fit s", "plain CPU s", "CV / plain (CPU)", "chosen", "CV gain", "in-sample gain (50 steps)",
          f"CV CPU < {TARGET_S:g} s"], rows)
@@ -90,7 +62,7 @@ def main() -> None:
              (f"best of {a.repeats} runs each; load average at the end {os.getloadavg()[0]:.2f} on "
               f"{os.cpu_count()} cores"),
              "gains are in the metric's units, positive = better than the best single candidate"]
-    _common.report(SCRIPT, "Cross-validated ensemble selection: cost of the honest estimate", body, notes)
+    harness.report(SCRIPT, "Cross-validated ensemble selection: cost of the honest estimate", body, notes)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,9 @@
 """Benchmark: ensemble selection at scale, 1,000 candidates x 100,000 samples x 10 classes (issue #13).
 
-Writes a synthetic experiment as the search and cross-fit write one, through
-core.experiment: experiment.json, folds.parquet (round-robin folds, every
-sample covered: cross-fitted candidates), candidates/<cid>/oof.parquet and
-test.parquet. A candidate's logits are ``skill * onehot(y)`` plus per-sample
-noise shared by all candidates (hard samples are hard for all) plus its own
-noise, the skill varying across candidates, so the greedy selection has real
-work: complementary candidates of unequal skill.
-
-Each size runs in fresh processes, so every peak is that size's own:
-
-1. ``ensemble_builder.candidates.load`` (float16 once float32 would pass
-   ``candidates.FLOAT16_ABOVE`` bytes), then ``SelectionCV.fit`` as ``select``
-   runs it (a selection per fold over the 5/10/25/50 grid, the best-single
-   fallback and the top-K, then the final fit on every sample), then the final
-   fit alone again (so the cross-validation's own cost is the difference);
-2. ``ensemble_builder.ensemble.select`` end to end: load, estimate, final fit,
-   in-sample scores, ensemble.json and submission.csv.
-
-Wall and CPU time per phase; peak resident memory per phase sampled every
-5 ms from /proc/self/statm, and the process's ru_maxrss (the exact peak).
+A synthetic experiment written through core.experiment (harness.synthetic_candidates, every sample covered), then,
+each in a fresh process so every peak is that size's own: ``candidates.load``, ``SelectionCV.fit`` as ``select``
+runs it and the final fit alone (the cross-validation's cost is the difference), and ``ensemble.select`` end to end.
+Wall and CPU time per phase; peak RSS per phase sampled every 5 ms, and the process's ru_maxrss.
 
     python bench/selection_scale.py                                    # 100 x 10,000 and 1,000 x 100,000
     python bench/selection_scale.py --candidates 1000 --samples 100000 --metric log_loss
@@ -39,7 +23,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (puts the repository on sys.path)
+import harness  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -50,37 +34,19 @@ TARGET_GIB = 24   # the machine the issue names
 
 # --- the synthetic experiment ---------------------------------------------------------
 
-def softmax_rows(z: np.ndarray) -> np.ndarray:
-    z -= z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
-
-
 def write_experiment(root: str, m: int, n: int, C: int, folds: int, n_test: int, metric: str,
                      seed: int = 0) -> None:
     """The files ``select`` reads, one candidate at a time (never all in memory)."""
     from core.experiment import Experiment, probs_table
 
-    rng = np.random.default_rng(seed)
     exp = Experiment(root)
-    names = [f"class{c}" for c in range(C)]
-    exp.write_meta(dict(task="synthetic", metric=metric, class_names=names))
-    ids = [f"s{i:07d}" for i in range(n)]
-    y = rng.integers(0, C, n)
+    exp.write_meta(dict(task="synthetic", metric=metric, class_names=[f"class{c}" for c in range(C)]))
+    y, _, cands = harness.synthetic_candidates(m, n, C, seed, n_test)
+    ids, test_ids = [f"s{i:07d}" for i in range(n)], [f"t{i:07d}" for i in range(n_test)]
     exp.write_folds(pd.DataFrame(dict(sample_id=ids, path=ids, label=y, fold=np.arange(n) % folds)))
-    test_ids = [f"t{i:07d}" for i in range(n_test)]
     exp.write_test(pd.DataFrame(dict(sample_id=test_ids, path=test_ids)))
-    y_test = rng.integers(0, C, n_test)
-
-    onehot, onehot_test = np.eye(C, dtype=np.float32)[y], np.eye(C, dtype=np.float32)[y_test]
-    shared = rng.standard_normal((n, C), dtype=np.float32)
-    shared_test = rng.standard_normal((n_test, C), dtype=np.float32)
-    skill = rng.uniform(0.5, 3.0, m).astype(np.float32)
-    for i in range(m):
-        oof = softmax_rows(skill[i] * onehot + shared + rng.standard_normal((n, C), dtype=np.float32))
-        test = softmax_rows(skill[i] * onehot_test + shared_test + rng.standard_normal((n_test, C), dtype=np.float32))
-        exp.candidate(f"c{i:04d}").write([], probs_table(ids, oof), dict(arch="synthetic", skill=float(skill[i])),
+    for i, (skill, oof, test) in enumerate(cands):
+        exp.candidate(f"c{i:04d}").write([], probs_table(ids, oof), dict(arch="synthetic", skill=skill),
                                          probs_table(test_ids, test))
 
 
@@ -176,7 +142,7 @@ def run(candidates: int, samples: int, classes: int = 10, metric: str = "accurac
         t0 = time.perf_counter()
         write_experiment(exp, candidates, samples, classes, folds, min(test_samples, samples), metric, seed)
         write_s = time.perf_counter() - t0
-        disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(exp) for f in fs)
+        disk = harness.folder_bytes(exp)
         out = dict(candidates=candidates, samples=samples, classes=classes, metric=metric, folds=folds, top=top,
                    write_s=write_s, disk_gib=disk / GIB)
         out["phases"] = in_child(phases, exp, metric, top)
@@ -203,7 +169,7 @@ def table(results: list[dict]) -> str:
             rows.append([size, r["metric"], p["dtype"], name, f"{ph['wall_s']:.1f}", f"{ph['cpu_s']:.1f}", peak])
         rows.append([size, r["metric"], p["dtype"], "process peak (ru_maxrss): phases / select",
                      "", "", f"{p['maxrss_gib']:.2f} / {e['maxrss_gib']:.2f}"])
-    return _common.md_table(["candidates x samples x classes", "metric", "P dtype", "phase", "wall s", "CPU s",
+    return harness.md_table(["candidates x samples x classes", "metric", "P dtype", "phase", "wall s", "CPU s",
                              "peak RSS GiB"], rows)
 
 
@@ -217,7 +183,7 @@ def notes(results: list[dict]) -> list[str]:
                    f"{p['chosen']} with {p['members']} members, CV {r['metric']} {p['ensemble']:.4f} vs best single "
                    f"{p['best_single']:.4f} (gain {p['cv_gain']:+.4f}); submission written: "
                    f"{'yes' if e['submission'] else 'no'}; peak {max(p['maxrss_gib'], e['maxrss_gib']):.2f} GiB, "
-                   f"{_common.met(max(p['maxrss_gib'], e['maxrss_gib']) < TARGET_GIB)} (< {TARGET_GIB} GiB); "
+                   f"{harness.met(max(p['maxrss_gib'], e['maxrss_gib']) < TARGET_GIB)} (< {TARGET_GIB} GiB); "
                    f"load average at the end {r['load_avg'][0]:.2f}")
     out.append(f"{results[0]['folds']} round-robin folds, top {results[0]['top']} (at most that many distinct "
                "members, as `select`); each size in fresh processes; the RSS before each phase includes "
@@ -248,7 +214,7 @@ def main() -> None:
     for m, n in sizes:
         print(f"{m} candidates x {n} samples x {a.classes} classes ...", flush=True)
         results.append(run(m, n, a.classes, a.metric, a.folds, a.top, a.test_samples, a.seed, a.root, a.keep))
-    _common.report(SCRIPT, "Ensemble selection at scale: time and peak memory of `select`", table(results),
+    harness.report(SCRIPT, "Ensemble selection at scale: time and peak memory of `select`", table(results),
                    notes(results))
 
 

@@ -1,18 +1,8 @@
 """Benchmark: anytime performance against the simplest alternative, at equal wall time, on real held-out images.
 
-For each dataset, seed and budget B, side by side in one run (alternating which goes first):
-
-- the pipeline: ``python -m searchspace.run TASK --data DIR --archs ARCHS --time-budget B --seed S``
-  (search, final stage, selection and submission inside B), scored on the held-out test labels;
-- the simplest alternative, in a child process of its own with the same B: the task's default
-  recipe on one architecture (the first of ARCHS), trained on every training image for as many
-  epochs as fit (two epochs of a throw-away model first, the second timed, then a fresh model for the
-  rest of the time, cosine to the end), predicting the test images with flip TTA where the task uses
-  it. It uses every core.
-
-Both start cold (their own empty image cache) and count their imports, the data check and the
-test predictions. Reported: test accuracy and log loss of both, the wall time each used, how the
-pipeline split it (search, final stage: configs x folds x epochs), and mean and spread over seeds.
+For each dataset, seed and budget B, alternating which goes first: the pipeline (``searchspace.run --time-budget
+B``), and in a child process the task's default recipe on one architecture trained on every image for as many epochs
+as fit in B. Both start cold; test accuracy and log loss, wall time, the pipeline's split; mean and spread over seeds.
 
     python bench/time_budget.py                                   # full: 3 datasets x 3 seeds x 3, 6, 12, 24 min
     python bench/time_budget.py --datasets animals --budgets 6 --seeds 0          # one cell

@@ -1,23 +1,9 @@
 """Benchmark: a trial's fixed costs with a warm cache, tiny model (test_resnet, 32 px, digits).
 
-(a) In process: the steps of trainer.fit.train_trial before and up to its
-    first optimiser step, called in the same order with the same arguments
-    (read folds.parquet, open the warm cache, augmentation + dataset +
-    DataLoader, model + loss weights + optimiser + schedule, first batch, first
-    step), each timed. The first repetition runs in a process that has not yet
-    built a model or run a step (like a fresh Ray actor after its imports); the
-    next ones are what a reused actor pays. The import of trainer.fit in a
-    fresh interpreter is timed separately: a new actor pays it once.
-
-(b) Ray Tune: a real short search through searchspace.run.main (N trials x 1
-    epoch). From each trial folder: result.json (time_total_s of each report,
-    checkpoint_dir_name, pid) and the modification time of the files of a
-    kept checkpoint folder, which Tune writes while the trial reports.
-    report time (precise) - time_total_s at that report = when the trainable
-    started; that + the last time_total_s = when it ended. A trial's
-    scheduling gap = its start - the latest end of another trial before it
-    (the slot it took had just been freed): Tune's bookkeeping, actor reset and
-    launch, not setup or training (time_total_s counts those).
+(a) In a fresh interpreter, the steps of trainer.fit.train_trial up to its first optimiser step, each timed: the
+    first repetition is a new Ray actor's cost after its imports, the next ones a reused actor's.
+(b) A real short search (N trials x 1 epoch): from each trial folder's result.json and checkpoint mtimes, when each
+    trainable started and ended; the scheduling gap = a trial's start - the latest end of another trial before it.
 
     python bench/trial_overhead.py                                  # full run
     python bench/trial_overhead.py --repeats 2 --trials 3           # smoke
@@ -30,13 +16,12 @@ import glob
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (puts the repository on sys.path)
+import harness  # noqa: E402
 
 SCRIPT = "trial_overhead"
 
@@ -55,7 +40,7 @@ def in_process(ctx: dict, cpus: int, max_epochs: int) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    from core import storage
+    from core.experiment import Experiment
     from trainer.augment import AugPolicy, albumentations_pipeline, mix_batch
     from trainer.cache import cached_images
     from trainer.fit import CachedImages
@@ -75,7 +60,7 @@ def in_process(ctx: dict, cpus: int, max_epochs: int) -> dict[str, float]:
     torch.set_num_threads(cpus)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    index = storage.read_parquet(storage.join(ctx["experiment"], "folds.parquet")).to_pandas()
+    index = Experiment(ctx["experiment"]).folds()
     lap("read folds.parquet")
     size, mode = int(hp["image_size"]), hp["resize_mode"]
     images = cached_images(index["path"].tolist(), ctx["data_key"], size, mode, ctx["cache_dir"], workers=cpus)
@@ -131,20 +116,16 @@ def child(spec_path: str) -> None:
     import trainer.fit  # noqa: F401
     imports = time.perf_counter() - t0
     runs = [in_process(spec["ctx"], spec["cpus"], spec["max_epochs"]) for _ in range(spec["repeats"])]
-    print("RESULT " + json.dumps(dict(imports=imports, runs=runs)), flush=True)
+    print(json.dumps(dict(imports=imports, runs=runs)), flush=True)
 
 
 def in_fresh_process(ctx: dict, cpus: int, repeats: int, max_epochs: int, workdir: str) -> dict:
     spec = os.path.join(workdir, f"spec-{os.getpid()}-{cpus}.json")
     with open(spec, "w") as f:
         json.dump(dict(ctx=ctx, cpus=cpus, repeats=repeats, max_epochs=max_epochs), f)
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", spec], capture_output=True,
-                         text=True, cwd=_common.REPO, env=os.environ.copy())
+    out = harness.child_json([sys.executable, os.path.abspath(__file__), "--child", spec])
     os.remove(spec)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if out.returncode != 0 or line is None:
-        raise SystemExit(f"(a) child for cpus={cpus} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-    return json.loads(line[len("RESULT "):])
+    return out
 
 
 # --- (b) Ray Tune --------------------------------------------------------------------
@@ -177,19 +158,12 @@ def trial_timeline(folder: str) -> dict | None:
 
 
 def ray_search(a, cache_dir: str, storage_root: str, train_images: int) -> tuple[str, list[str]]:
-    from searchspace import run
-
     name = f"overhead-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     argv = ["digits", "--trials", str(a.trials), "--max-epochs", "1", "--archs", "test_resnet",
             "--image-sizes", "32", "--crossfit-top", "0", "--storage", storage_root, "--name", name,
             "--cache-dir", cache_dir, "--seed", str(a.seed)]
-    _common.start_ray()
-    print(f"\n(b) python -m searchspace.run {' '.join(argv)}", flush=True)
-    t_main = time.time()
-    rc = run.main(argv)
-    wall = time.time() - t_main
-    if rc != 0:
-        raise SystemExit(f"searchspace.run.main returned {rc}")
+    wall = harness.search_in_process(argv)
+    t_main = time.time() - wall
     experiment = os.path.join(storage_root, name)
     trials = [t for t in (trial_timeline(d) for d in glob.glob(os.path.join(experiment, "train_trial_*")))
               if t is not None]
@@ -218,7 +192,7 @@ def ray_search(a, cache_dir: str, storage_root: str, train_images: int) -> tuple
     notes = [f"(b) experiment {experiment}; "
              + ("report times from checkpoint file mtimes (sub-second)" if all(t["precise"] for t in trials)
                 else "some trials had no checkpoint left: whole-second result timestamps used for them")]
-    return _common.md_table(["Ray Tune (b)", "value"], rows), notes
+    return harness.md_table(["Ray Tune (b)", "value"], rows), notes
 
 
 # --- main -----------------------------------------------------------------------------
@@ -238,18 +212,17 @@ def main() -> None:
     if a.child:
         return child(a.child)
 
-    import pyarrow as pa
-
     from core import storage
+    from core.experiment import Experiment
     from searchspace.tasks import digits
 
     cache_dir = os.path.abspath(a.cache_dir or os.path.join(a.workdir, "cache"))
     storage_root = os.path.abspath(os.path.join(a.workdir, "runs"))
     # Warm cache: data written and every 32 px entry built before anything is timed.
-    _, index, classes, key = _common.prepare_digits_cache(cache_dir, digits.BUDGET.folds, a.seed, [32])
+    _, index, classes, key = harness.prepare_digits_cache(cache_dir, digits.BUDGET.folds, a.seed, [32])
     # (a) reads folds.parquet like a trial does: write the same index into a scratch experiment.
     prep = storage.join(storage_root, f"prep-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    storage.write_parquet(storage.join(prep, "folds.parquet"), pa.Table.from_pandas(index, preserve_index=False))
+    Experiment(prep).write_folds(index)
     ctx = dict(experiment=prep, data_key=key, cache_dir=cache_dir, num_classes=len(classes))
     train_images = int((index["fold"] != 0).sum())
 
@@ -272,7 +245,7 @@ def main() -> None:
         sums[cpus] = (cold_sum, warm_sum)
         table_rows.append([cpus, "**trial start to first step (in-process), imports excluded**",
                            f"**{cold_sum:.3f}**", f"**{warm_sum:.3f}**"])
-    body = _common.md_table(["cpus per trial", "phase (a)", "first run s (fresh process)",
+    body = harness.md_table(["cpus per trial", "phase (a)", "first run s (fresh process)",
                              f"median of runs 2..{a.repeats} s (reused actor)" if a.repeats > 1 else "same run s"],
                             table_rows)
     worst_warm = max(w for _, w in sums.values())
@@ -283,7 +256,7 @@ def main() -> None:
         "(a) each cpus value runs in a fresh interpreter: its first run is what a new Ray actor pays after its "
         "imports (first model build, first step); later runs are what a reused actor pays (Tune reuses actors)",
         f"target <= 3 s to the first step for a tiny model: reused actor {worst_warm:.2f} s, new actor "
-        f"{worst_cold:.2f} s + {max(imports.values()):.2f} s imports: {_common.met(worst_warm <= 3)}",
+        f"{worst_cold:.2f} s + {max(imports.values()):.2f} s imports: {harness.met(worst_warm <= 3)}",
     ]
     if not a.skip_ray:
         ray_table, ray_notes = ray_search(a, cache_dir, storage_root, train_images)
@@ -294,7 +267,7 @@ def main() -> None:
             "trainable start = that time - time_total_s of that line; end = start + the last time_total_s. "
             "Gap = a trial's start - the latest end of another trial at or before it. The training loop's time "
             "is train images / images_per_s (both reported)"]
-    _common.report(SCRIPT, "Trial overhead: start to first step, and Tune's gap between trials", body, notes)
+    harness.report(SCRIPT, "Trial overhead: start to first step, and Tune's gap between trials", body, notes)
 
 
 if __name__ == "__main__":

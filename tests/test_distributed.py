@@ -278,9 +278,9 @@ def test_search_spreads_over_nodes_and_each_node_builds_its_cache_once(tmp_path,
 
 # --- b. a node is lost in the middle of the search -----------------------------------
 
-def registered(experiment: Path) -> dict[str, tuple[str, dict, dict]]:
-    """{trial_id: (status, metrics of the newest checkpoint Tune has registered, last result)} from the
-    newest experiment snapshot; trials with no registered checkpoint are left out.
+def registered(experiment: Path) -> dict[str, tuple[str, dict, dict, str]]:
+    """{trial_id: (status, metrics of the newest checkpoint Tune has registered, last result, that checkpoint's
+    path)} from the newest experiment snapshot; trials with no registered checkpoint are left out.
 
     Registered is not the same as written: a trial's worker writes a checkpoint to storage and reports it,
     but Tune's controller takes it as the trial's checkpoint only when a second round trip to the trial's
@@ -305,7 +305,8 @@ def registered(experiment: Path) -> dict[str, tuple[str, dict, dict]]:
             with contextlib.suppress(ValueError):
                 last = json.loads(last)
         if latest is not None:
-            out[trial["trial_id"]] = (trial["status"], dict(latest.metrics), last if isinstance(last, dict) else {})
+            out[trial["trial_id"]] = (trial["status"], dict(latest.metrics), last if isinstance(last, dict) else {},
+                                      latest.checkpoint.path)
     return out
 
 
@@ -337,7 +338,7 @@ def _interrupted_search(tmp_path: Path, ray_tmp: str, weights: Path, monkeypatch
             struck = None
             deadline = time.time() + 300
             while struck is None and proc.poll() is None and time.time() < deadline:
-                for t, (status, metrics, last) in registered(experiment).items():
+                for t, (status, metrics, last, _) in registered(experiment).items():
                     if status == "RUNNING" and metrics.get("node_id") == w1.node_id and metrics["epoch"] < max_epochs:
                         if fault == "node":
                             cluster.remove_node(w1, allow_graceful=False)  # a crash, not a drain
@@ -432,10 +433,13 @@ def _tune_state(experiment: Path) -> dict[str, dict]:
 @pytest.mark.slow
 def _kill_mid_search(tmp_path: Path, ray_tmp: str, argv: list[str], max_epochs: int, failed: bool = False):
     """Start the search's driver, SIGKILL it (and its Ray) once Tune's stored state has a finished
-    trial and a running one past its first epoch (and, with ``failed``, a failed one), and check
-    nothing of it is left running.
+    trial and a running one with a registered checkpoint past its first epoch (and, with ``failed``, a
+    failed one), and check nothing of it is left running.
 
-    Returns (env, marker, log, Tune's stored state, finished trial ids, running trial ids)."""
+    Returns (env, marker, log, Tune's stored state, finished trial ids, {running trial id: the path of the
+    checkpoint Tune registered for it, the one --resume restores}). A running trial with a checkpoint on
+    storage that Tune had not registered yet (see registered()) is not among them: it has nothing to be
+    restored from, and starts again from its first epoch."""
     experiment = tmp_path / "runs" / "killed"
     token = uuid.uuid4().hex
     marker = f"SEARCHSPACE_TEST_DRIVER={token}"
@@ -449,17 +453,17 @@ def _kill_mid_search(tmp_path: Path, ray_tmp: str, argv: list[str], max_epochs: 
     log = tmp_path / "driver.log"
     proc = start_driver(argv, log, tmp_path, env)
 
-    def finished_and_running(state: dict) -> tuple[list[str], list[str]]:
+    def finished_and_running(state: dict) -> tuple[list[str], dict[str, str]]:
         done = [t for t, s in state.items() if s["status"] == "TERMINATED"]
-        mid = [t for t, s in state.items() if s["status"] == "RUNNING"
-               and 1 <= s["last_result"].get("epoch", 0) < max_epochs]
+        mid = {t: path for t, (status, metrics, _, path) in registered(experiment).items()
+               if status == "RUNNING" and 1 <= metrics.get("epoch", 0) < max_epochs}
         if failed and not any(s["status"] == "ERROR" for s in state.values()):
-            return [], []
+            return [], {}
         return done, mid
 
     try:
         # Kill once Tune's state in the storage has a finished trial and a running one
-        # with a checkpoint (the state is what --resume restores from)
+        # with a registered checkpoint (the state is what --resume restores from)
         state, deadline = {}, time.time() + 300
         while proc.poll() is None and time.time() < deadline:
             state = _tune_state(experiment)
@@ -496,12 +500,15 @@ def _resume(argv: list[str], log: Path, tmp_path: Path, env: dict) -> None:
     assert code == 0, tail(log)
 
 
-def _lost(experiment: Path, state: dict, trials: list[str]) -> list[str]:
-    """The trials whose stored state names a checkpoint that is not on storage (Ray had
-    deleted it, replaced by a newer one, and not yet written its next snapshot)."""
-    dirs = {trial_id(d): d for d in trial_dirs(experiment)}
-    return [t for t in trials if (name := state[t]["last_result"].get("checkpoint_dir_name"))
-            and not (dirs[t] / name).exists()]
+def _lost(mid: dict[str, str]) -> list[str]:
+    """The running trials whose registered checkpoint is not on storage (Ray had deleted it, replaced
+    by a newer one, and not yet written its next snapshot)."""
+    return [t for t, path in mid.items() if not Path(path).exists()]
+
+
+def _unregistered(state: dict, mid: dict[str, str]) -> list[str]:
+    """The trials running at the kill with no registered checkpoint: Tune starts them from their first epoch."""
+    return [t for t, s in state.items() if s["status"] == "RUNNING" and t not in mid]
 
 
 def _killed_argv(storage_root: Path, cache: Path, max_epochs: int, n_trials: int) -> list[str]:
@@ -520,7 +527,8 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, ray
     env, marker, log, state, done, mid = _kill_mid_search(tmp_path, ray_tmp, argv, max_epochs)
     # Killed in Ray's own window (old checkpoint deleted, snapshot not yet written), a running
     # trial cannot be restored: it starts again from its first epoch (the next test forces it).
-    lost = _lost(experiment, state, mid)
+    # So does one killed before Tune registered any checkpoint of it.
+    lost = _lost(mid) + _unregistered(state, mid)
     before = {trial_id(d): d for d in trial_dirs(experiment)}
     finished = {t: ([r["epoch"] for r in results(before[t])],
                     {p.relative_to(before[t]).as_posix(): p.stat().st_mtime_ns
@@ -585,10 +593,9 @@ def test_a_trial_whose_checkpoint_was_replaced_at_the_kill_starts_again(tmp_path
     experiment, max_epochs, n_trials = storage_root / "killed", 3, 4
     argv = _killed_argv(storage_root, cache, max_epochs, n_trials)
     env, marker, log, state, done, mid = _kill_mid_search(tmp_path, ray_tmp, argv, max_epochs)
-    dirs = {trial_id(d): d for d in trial_dirs(experiment)}
-    for t in mid:
-        shutil.rmtree(dirs[t] / state[t]["last_result"]["checkpoint_dir_name"], ignore_errors=True)
-    assert _lost(experiment, state, mid) == mid
+    for path in mid.values():
+        shutil.rmtree(path, ignore_errors=True)
+    assert _lost(mid) == list(mid)
 
     _resume(argv, log, tmp_path, env)
     text = log.read_text()

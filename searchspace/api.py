@@ -25,13 +25,13 @@ from searchspace import members, time_budget
 from searchspace.config import SearchConfig
 from searchspace.crossfit import crossfit, slots
 from searchspace.finish import final_stage
-from searchspace.prepare import architectures, prepare, refold
+from searchspace.prepare import architectures, prepare, refold, resolve_weights
 from searchspace.progress import Forecast
 from searchspace.ray_start import start_ray
 from searchspace.resume import resume
 from searchspace.storage_policy import prune
 from searchspace.tasks import Task, get_task
-from searchspace.time_budget import UNLIMITED_TRIALS, Clock, Deadline, Measured, Split, at, clock_text
+from searchspace.time_budget import UNLIMITED_TRIALS, Clock, Deadline, Measured, Split, TooSmall, at, clock_text
 from searchspace.tuner import build_tuner, finish_search, first_config
 from trainer.cache import default_cache_dir
 from trainer.classical import parse_kinds
@@ -98,7 +98,7 @@ def run_search(task_name: str, data: str | None, config: SearchConfig) -> tuple[
     clock.save(phase="search", search_until_s=split.search_until_s if split else None)
     launched = members.launch(record_members(p), p.ctx, p.config.resources)   # beside the search
     start = time.time()
-    deadline = Deadline(p.experiment.location, split.search_until_s) if split else None
+    deadline = Deadline(p.experiment.location, split.search_until_s, first_result=True) if split else None
     tuner = build_tuner(p.task, p.ctx, p.config, p.archs, p.cache_dir, deadline, forecast(p, clock, split))
     results = tuner.fit()
     ended = split is not None and clock.used() >= split.search_until_s - 1
@@ -120,28 +120,67 @@ def record_members(p: Prepared) -> list[dict]:
 
 
 def budget_split(p: Prepared, clock: Clock) -> tuple[Prepared, Split]:
-    """Measure the first config, fix K and the search's share (``time_budget.split``); BadInput when the
-    budget cannot hold one final config, and then the experiment just prepared is removed again."""
-    b, res = p.config.budget, p.config.resources
-    measured = calibrate(p)
-    index = p.experiment.folds()
-    n_test = len(p.experiment.test()) if p.experiment.has_test() else 0
+    """Measure the first config, fix K and the search's share (``time_budget.split``).
+
+    When the budget cannot hold one final config of the task's own
+    architectures and the user named none, the search narrows to the task's
+    ``budget_fallback`` space if that fits. Otherwise BadInput, and the
+    experiment just prepared is removed again.
+    """
     try:
-        split = time_budget.split(b.time_budget, clock.used(), measured, len(index), n_test, p.ctx.tta,
-                                  b.max_epochs, slots(res), p.given.budget.folds, b.folds)
+        try:
+            measured, split = _split(p, clock)
+        except TooSmall as refused:
+            small = p.task.budget_fallback
+            opts = p.given.options
+            if not small or opts.archs or opts.image_sizes or small == p.archs:
+                raise
+            space = f"{', '.join(small)} at {'-'.join(map(str, sorted({s for v in small.values() for s in v})))} px"
+            p = narrow(p, small)
+            try:
+                measured, split = _split(p, clock)
+            except TooSmall as again:
+                raise BadInput(f"{refused}; the small space it falls back to ({space}) needs at least "
+                               f"--time-budget {clock_text(again.enough_s)}") from None
+            print(f"time budget {clock_text(p.config.budget.time_budget)}: one final config of the {p.task.name} "
+                  f"task's own architectures needs at least --time-budget {clock_text(refused.enough_s)} on "
+                  f"this machine; searching the small space that fits instead: {space} (--archs chooses)",
+                  flush=True)
     except BadInput:
         storage.delete_dir(p.experiment.location)   # nothing ran: the same --name can be used again
         raise
+    b = p.config.budget
     ctx = p.ctx
     if split.folds != b.folds:
         ctx = refold(p.experiment, split.folds)
     config = dataclasses.replace(p.config, budget=dataclasses.replace(b, folds=split.folds))
-    epoch = measured.on_fold(len(index), split.folds, n_test, p.ctx.tta).epoch_s
+    n_test = len(p.experiment.test()) if p.experiment.has_test() else 0
+    epoch = measured.on_fold(len(p.experiment.folds()), split.folds, n_test, p.ctx.tta).epoch_s
     print(f"time budget {clock_text(b.time_budget)}: {clock_text(clock.used())} used by the data check; "
           f"one epoch of the first config takes about {epoch:.1f} s on a fold; {split.folds} folds; the search "
           f"gets {clock_text(split.search_s)} (until ~{at(split.search_until_s - clock.used())}), the final models "
           f"{clock_text(split.final_s)}, the selection and the margin {clock_text(split.reserve_s)}", flush=True)
     return dataclasses.replace(p, config=config, ctx=ctx), split
+
+
+def _split(p: Prepared, clock: Clock) -> tuple[Measured, Split]:
+    b, res = p.config.budget, p.config.resources
+    measured = calibrate(p)
+    n_test = len(p.experiment.test()) if p.experiment.has_test() else 0
+    return measured, time_budget.split(b.time_budget, clock.used(), measured, len(p.experiment.folds()), n_test,
+                                       p.ctx.tta, b.max_epochs, slots(res), p.given.budget.folds, b.folds)
+
+
+def narrow(p: Prepared, archs: dict[str, list[int]]) -> Prepared:
+    """The prepared search on other architectures: their weights resolved before any trial, the context and
+    experiment.json (which a resumed job reads) updated."""
+    meta = p.experiment.meta()
+    weights = resolve_weights(list(archs), p.config.options.weights_dir, meta["pretrained"], p.experiment)
+    ctx = dataclasses.replace(p.ctx, weights=weights)
+    meta["options"]["archs"] = archs
+    meta["context"] = dataclasses.asdict(ctx)
+    p.experiment.write_meta(meta)
+    return dataclasses.replace(p, archs=archs, ctx=ctx)
 
 
 def calibrate(p: Prepared) -> Measured:

@@ -113,15 +113,21 @@ class Deadline(Stopper):
     killed session left off. A trial it stops keeps its last checkpoint.
     """
 
-    def __init__(self, location: str, until_s: float, unless=None):
+    first_result = reported = False   # (a deadline pickled by an older version has neither)
+
+    def __init__(self, location: str, until_s: float, unless=None, first_result: bool = False):
         """``unless()``: while it returns True the deadline waits (the final stage's first config is not
-        complete yet: a job that ran over its budget still ends with a submission). Checked every few seconds."""
-        self.location, self.until_s, self.unless = location, until_s, unless
+        complete yet: a job that ran over its budget still ends with a submission). Checked every few seconds.
+        ``first_result``: the deadline also waits until some trial has reported an epoch (the search: the
+        final stage needs a candidate), though never past the whole budget."""
+        self.location, self.until_s, self.unless, self.first_result = location, until_s, unless, first_result
         self.reached = False
         self.overrun = False
+        self.reported = False
         self._checked, self._waiting = 0.0, False
 
     def __call__(self, trial_id, result) -> bool:
+        self.reported = True
         return False
 
     def stop_all(self) -> bool:
@@ -132,6 +138,9 @@ class Deadline(Stopper):
             clock.save()
         if self.reached or clock.used() < self.until_s:
             return self.reached
+        if self.first_result and not self.reported and (clock.budget_s is None or clock.used() < clock.budget_s):
+            self.overrun = True
+            return False
         if self.unless is not None:
             if time.time() - self._checked >= 2.0:
                 self._checked, self._waiting = time.time(), bool(self.unless())
@@ -170,6 +179,14 @@ class Measured:
         return Cost(epoch, self.setup_s + n_test * self.predict_s_per_image * (2 if tta else 1))
 
 
+class TooSmall(BadInput):
+    """The budget cannot hold one final config of the space measured; ``enough_s`` would."""
+
+    def __init__(self, message: str, enough_s: float):
+        super().__init__(message)
+        self.enough_s = enough_s
+
+
 @dataclass(frozen=True)
 class Split:
     folds: int
@@ -195,7 +212,7 @@ def makespan(durations: list[float], slots: int) -> float:
 
 def split(budget_s: float, used_s: float, measured: Measured, n_images: int, n_test: int, tta: bool,
           searched_epochs: int, slots: int, folds: int | None, max_folds: int) -> Split:
-    """K and the search's share; BadInput when one config cannot train at the searched length on every fold.
+    """K and the search's share; ``TooSmall`` when one config cannot train at the searched length on every fold.
 
     K is the largest number of folds (from ``max_folds`` down to 2) with which
     one config trains at the length cap on every fold within the final share;
@@ -217,13 +234,13 @@ def split(budget_s: float, used_s: float, measured: Measured, n_images: int, n_t
     if need > final:
         # the budget at which the final share holds one config at the searched length
         base = used_s + need / (1 - SEARCH_SHARE)
-        enough = max(base + RESERVE_MIN_S, base / (1 - RESERVE_SHARE))
-        raise BadInput(
+        enough = math.ceil(max(base + RESERVE_MIN_S, base / (1 - RESERVE_SHARE)) / 60) * 60
+        raise TooSmall(
             f"--time-budget {clock_text(budget_s)}: too small for even one final config: {k} folds x "
             f"{searched_epochs} epochs (the searched length) take about {clock_text(need)} on {slots} slot(s), "
             f"and the final stage's share is {clock_text(max(0.0, final))} (the data check took "
-            f"{clock_text(used_s)}); give at least --time-budget {clock_text(math.ceil(enough / 60) * 60)}, "
-            "or fewer --max-epochs")
+            f"{clock_text(used_s)}); give at least --time-budget {clock_text(enough)}, or fewer --max-epochs",
+            enough)
     return Split(k, search, final, res, used_s + search)
 
 

@@ -93,4 +93,4 @@ def _png(path: str, img8x8: np.ndarray) -> None:
 
 TASK = Task("digits", load=load, define_search_space=define_search_space, budget=BUDGET, archs=ARCHS,
             default_recipe=DEFAULT_RECIPE, metric=METRIC, portfolio=PORTFOLIO, pretrained=PRETRAINED, flip_tta=FLIP_TTA,
-            default_data=default_data)
+            default_data=default_data, budget_fallback=None)   # its own space is already the small one

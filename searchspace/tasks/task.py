@@ -6,6 +6,13 @@ from dataclasses import dataclass, field
 
 from searchspace.config import Budget
 
+# The space a time budget falls back to when one final config of a task's own architectures cannot fit in it
+# (and the user named no --archs or --image-sizes): small architectures at the sizes that the real-data
+# benchmarks ran at 6 minutes on 2 CPU cores (BENCHMARKS.md, "Time budget"). test_resnet comes first: one
+# of it, trained long, is the simplest alternative that the pipeline is measured against.
+SMALL_ARCHS = {"test_resnet": [32, 48], "test_efficientnet": [32, 48], "efficientnet_lite0": [32, 48],
+               "mobilenetv3_small_050": [32, 48]}
+
 
 @dataclass(frozen=True)
 class Task:
@@ -22,7 +29,9 @@ class Task:
     default of ``--pretrained``; ``flip_tta`` whether a mirrored image is the
     same class (the test set's flip TTA); ``default_data(cache_dir)``, where
     the task embeds its data, writes it and returns its folder (else
-    ``--data`` is required).
+    ``--data`` is required); ``budget_fallback`` is the {arch: sizes} a time
+    budget searches instead of ``archs`` when one final config of those
+    cannot fit it (None: refuse such a budget).
     """
 
     name: str
@@ -36,3 +45,4 @@ class Task:
     pretrained: str = "auto"
     flip_tta: bool = True
     default_data: Callable[[str], str] | None = None
+    budget_fallback: dict[str, list[int]] | None = field(default_factory=lambda: dict(SMALL_ARCHS))

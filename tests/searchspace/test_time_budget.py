@@ -22,6 +22,7 @@ from core.errors import BadInput
 from core.experiment import Experiment
 from searchspace import time_budget as tb
 from searchspace.run import main
+from searchspace.tasks import get_task
 
 # --- the rules ---------------------------------------------------------------------------
 
@@ -134,6 +135,17 @@ def test_a_deadline_waits_for_what_must_finish(tmp_path):
     assert deadline.stop_all() and deadline.reached
 
 
+def test_the_search_s_deadline_waits_for_a_first_result_but_not_past_the_budget(tmp_path):
+    location = str(tmp_path / "exp")
+    clock = tb.Clock.start(location, 100, started=time.time() - 50)
+    deadline = tb.Deadline(location, 40, first_result=True)
+    assert not deadline.stop_all() and deadline.overrun     # past its second, but no trial has reported yet
+    deadline("t1", {"training_iteration": 1})
+    assert deadline.stop_all() and deadline.reached
+    clock.used_before = 60                                  # 110 s of a 100 s budget, and still no result
+    assert tb.Deadline(location, 40, first_result=True).stop_all()
+
+
 def test_a_deadline_stops_at_its_second_of_the_job_clock(tmp_path):
     location = str(tmp_path / "exp")
     clock = tb.Clock.start(location, 100, started=time.time() - 50)
@@ -146,32 +158,47 @@ def test_a_deadline_stops_at_its_second_of_the_job_clock(tmp_path):
 
 # --- budgeted runs ------------------------------------------------------------------------
 
-def _argv(data, tmp_path, budget: str, *extra: str) -> list[str]:
+SMALL = ("--archs", "test_resnet,test_efficientnet", "--image-sizes", "16", "--max-epochs", "3")
+
+
+def _argv(data, tmp_path, budget: str, *extra: str, space: tuple = SMALL) -> list[str]:
     return ["paddy", "--data", str(data), "--storage", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
-            "--name", "tb", "--archs", "test_resnet,test_efficientnet", "--image-sizes", "16",
-            "--max-epochs", "3", "--grace-period", "1", "--pretrained", "no", "--time-budget", budget, *extra]
+            "--name", "tb", *space, "--grace-period", "1", "--pretrained", "no", "--time-budget", budget, *extra]
 
 
 MARGIN_S = 20   # stated in the README: a budgeted run ends within its budget plus this
 
 
 @pytest.mark.slow
-def test_a_budgeted_run_ends_within_its_budget_with_a_submission_and_trains_the_plan(tmp_path, ray_session):
+def test_a_budgeted_run_falls_back_to_the_small_space_ends_within_its_budget_with_a_submission_and_trains_the_plan(
+        tmp_path, ray_session):
+    # paddy's own space (convnext_small at 224 px first) cannot train one final config of 12 epochs on 2 folds
+    # in 2.5 minutes on CPU cores: with no --archs or --image-sizes given, the run searches the task's small
+    # fallback space instead, says so, and still ends within its budget with a submission
     data = make_paddy(tmp_path / "data", classes=3, per_class=12, test=6)
     out = io.StringIO()
     start = time.time()
     with contextlib.redirect_stdout(out):
-        code = main(_argv(data, tmp_path, "75s"))
+        code = main(_argv(data, tmp_path, "150s", space=("--max-epochs", "12")))
     took = time.time() - start
     text = out.getvalue()
     assert code == 0, text
-    assert took <= 75 + MARGIN_S, (took, text)
+    assert took <= 150 + MARGIN_S, (took, text)
+    fallback = get_task("paddy").budget_fallback
+    assert ("time budget 2m30s: one final config of the paddy task's own architectures needs at least "
+            "--time-budget ") in text, text
+    assert f"searching the small space that fits instead: {', '.join(fallback)} at 32-48 px" in text
+    assert text.index("searching the small space") < text.index("used by the data check") < text.index("search ends ~")
     exp = Experiment(str(tmp_path / "runs" / "tb"))
     clock = exp.clock()
-    assert clock["budget_s"] == 75 and clock["used_s"] <= 75 + MARGIN_S and clock["state"]["phase"] == "done"
+    assert clock["budget_s"] == 150 and clock["used_s"] <= 150 + MARGIN_S and clock["state"]["phase"] == "done"
     # the split was said before the search, the plan before the final stage, the estimate while it ran
-    assert "time budget 1m15s:" in text and "final stage planned:" in text and "search ends ~" in text
-    assert text.index("time budget 1m15s:") < text.index("search finished") < text.index("final stage planned:")
+    assert "final stage planned:" in text and "search ends ~" in text
+    assert text.index("time budget 2m30s: ") < text.index("search finished") < text.index("final stage planned:")
+    # the search ran in the small space, which experiment.json records for a resumed job
+    assert exp.meta()["options"]["archs"] == fallback
+    assert set(exp.trials()["arch"]) <= set(fallback)
+    assert set(exp.meta()["context"]["weights"]) == set(fallback)
     # a submission, from the ensemble of what the final stage finished
     sub = pd.read_csv(exp.submission_file)
     assert len(sub) == 6 and "job: " in text and "within it" in text

@@ -197,7 +197,7 @@ def test_a_budgeted_run_falls_back_to_the_small_space_ends_within_its_budget_wit
     assert text.index("time budget 2m30s: ") < text.index("search finished") < text.index("final stage planned:")
     # the search ran in the small space, which experiment.json records for a resumed job
     assert exp.meta()["options"]["archs"] == fallback
-    assert set(exp.trials()["arch"]) <= set(fallback)
+    assert set(exp.trials()["arch"].dropna()) <= set(fallback)   # (a trial the deadline kept from starting has none)
     assert set(exp.meta()["context"]["weights"]) == set(fallback)
     # a submission, from the ensemble of what the final stage finished
     sub = pd.read_csv(exp.submission_file)

@@ -131,21 +131,7 @@ def budget_split(p: Prepared, clock: Clock) -> tuple[Prepared, Split]:
         try:
             measured, split = _split(p, clock)
         except TooSmall as refused:
-            small = p.task.budget_fallback
-            opts = p.given.options
-            if not small or opts.archs or opts.image_sizes or small == p.archs:
-                raise
-            space = f"{', '.join(small)} at {'-'.join(map(str, sorted({s for v in small.values() for s in v})))} px"
-            p = narrow(p, small)
-            try:
-                measured, split = _split(p, clock)
-            except TooSmall as again:
-                raise BadInput(f"{refused}; the small space it falls back to ({space}) needs at least "
-                               f"--time-budget {clock_text(again.enough_s)}") from None
-            print(f"time budget {clock_text(p.config.budget.time_budget)}: one final config of the {p.task.name} "
-                  f"task's own architectures needs at least --time-budget {clock_text(refused.enough_s)} on "
-                  f"this machine; searching the small space that fits instead: {space} (--archs chooses)",
-                  flush=True)
+            p, measured, split = fall_back(p, clock, refused)
     except BadInput:
         storage.delete_dir(p.experiment.location)   # nothing ran: the same --name can be used again
         raise
@@ -161,6 +147,26 @@ def budget_split(p: Prepared, clock: Clock) -> tuple[Prepared, Split]:
           f"gets {clock_text(split.search_s)} (until ~{at(split.search_until_s - clock.used())}), the final models "
           f"{clock_text(split.final_s)}, the selection and the margin {clock_text(split.reserve_s)}", flush=True)
     return dataclasses.replace(p, config=config, ctx=ctx), split
+
+
+def fall_back(p: Prepared, clock: Clock, refused: TooSmall) -> tuple[Prepared, Measured, Split]:
+    """The search on the task's small space instead of its own, measured and split, when the user named no
+    architectures or sizes and it fits (said in one line); else ``refused``, with what the small space needs."""
+    small, opts = p.task.budget_fallback, p.given.options
+    if not small or opts.archs or opts.image_sizes or small == p.archs:
+        raise refused
+    sizes = sorted({s for v in small.values() for s in v})
+    space = f"{', '.join(small)} at {sizes[0]}-{sizes[-1]} px"
+    p = narrow(p, small)
+    try:
+        measured, split = _split(p, clock)
+    except TooSmall as again:
+        raise BadInput(f"{refused}; the small space it falls back to ({space}) needs at least "
+                       f"--time-budget {clock_text(again.enough_s)}") from None
+    print(f"time budget {clock_text(p.config.budget.time_budget)}: one final config of the {p.task.name} task's "
+          f"own architectures needs at least --time-budget {clock_text(refused.enough_s)} on this machine; "
+          f"searching the small space that fits instead: {space} (--archs chooses)", flush=True)
+    return p, measured, split
 
 
 def _split(p: Prepared, clock: Clock) -> tuple[Measured, Split]:

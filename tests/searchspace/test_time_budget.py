@@ -67,6 +67,19 @@ def test_a_budget_too_small_for_one_final_config_is_refused_with_the_budget_that
     tb.split(tb_seconds(suggested), 30, MEASURED, 100_000, 0, False, 10, 2, folds=None, max_folds=5)
 
 
+@pytest.mark.parametrize("task, options", [("paddy", dict(archs="resnet50")), ("paddy", dict(image_sizes="224")),
+                                           ("digits", {})])
+def test_no_fallback_for_architectures_or_sizes_the_user_chose_nor_for_a_task_without_a_small_space(task, options):
+    from searchspace.api import Prepared, fall_back
+    from searchspace.config import SearchConfig
+
+    refused = tb.TooSmall("--time-budget 1m00s: too small for even one final config", 3600)
+    config = SearchConfig.from_kwargs(**options)
+    with pytest.raises(tb.TooSmall) as e:
+        fall_back(Prepared(get_task(task), config, {"resnet50": [224]}, None, None, config), None, refused)
+    assert e.value is refused      # the refusal stands, before any measurement
+
+
 def tb_seconds(text: str) -> float:
     from searchspace.config import duration
     return duration(text)

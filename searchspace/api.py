@@ -129,9 +129,9 @@ def budget_split(p: Prepared, clock: Clock) -> tuple[Prepared, Split]:
     """
     try:
         try:
-            measured, split = _split(p, clock)
+            split, epoch = _split(p, clock)
         except TooSmall as refused:
-            p, measured, split = fall_back(p, clock, refused)
+            p, split, epoch = fall_back(p, clock, refused)
     except BadInput:
         storage.delete_dir(p.experiment.location)   # nothing ran: the same --name can be used again
         raise
@@ -140,8 +140,6 @@ def budget_split(p: Prepared, clock: Clock) -> tuple[Prepared, Split]:
     if split.folds != b.folds:
         ctx = refold(p.experiment, split.folds)
     config = dataclasses.replace(p.config, budget=dataclasses.replace(b, folds=split.folds))
-    n_test = len(p.experiment.test()) if p.experiment.has_test() else 0
-    epoch = measured.on_fold(len(p.experiment.folds()), split.folds, n_test, p.ctx.tta).epoch_s
     print(f"time budget {clock_text(b.time_budget)}: {clock_text(clock.used())} used by the data check; "
           f"one epoch of the first config takes about {epoch:.1f} s on a fold; {split.folds} folds; the search "
           f"gets {clock_text(split.search_s)} (until ~{at(split.search_until_s - clock.used())}), the final models "
@@ -149,7 +147,7 @@ def budget_split(p: Prepared, clock: Clock) -> tuple[Prepared, Split]:
     return dataclasses.replace(p, config=config, ctx=ctx), split
 
 
-def fall_back(p: Prepared, clock: Clock, refused: TooSmall) -> tuple[Prepared, Measured, Split]:
+def fall_back(p: Prepared, clock: Clock, refused: TooSmall) -> tuple[Prepared, Split, float]:
     """The search on the task's small space instead of its own, measured and split, when the user named no
     architectures or sizes and it fits (said in one line); else ``refused``, with what the small space needs."""
     small, opts = p.task.budget_fallback, p.given.options
@@ -159,22 +157,24 @@ def fall_back(p: Prepared, clock: Clock, refused: TooSmall) -> tuple[Prepared, M
     space = f"{', '.join(small)} at {sizes[0]}-{sizes[-1]} px"
     p = narrow(p, small)
     try:
-        measured, split = _split(p, clock)
+        split, epoch = _split(p, clock)
     except TooSmall as again:
         raise BadInput(f"{refused}; the small space it falls back to ({space}) needs at least "
                        f"--time-budget {clock_text(again.enough_s)}") from None
     print(f"time budget {clock_text(p.config.budget.time_budget)}: one final config of the {p.task.name} task's "
           f"own architectures needs at least --time-budget {clock_text(refused.enough_s)} on this machine; "
           f"searching the small space that fits instead: {space} (--archs chooses)", flush=True)
-    return p, measured, split
+    return p, split, epoch
 
 
-def _split(p: Prepared, clock: Clock) -> tuple[Measured, Split]:
+def _split(p: Prepared, clock: Clock) -> tuple[Split, float]:
+    """The first config measured, and the split; with the seconds of one of its epochs on a fold."""
     b, res = p.config.budget, p.config.resources
     measured = calibrate(p)
-    n_test = len(p.experiment.test()) if p.experiment.has_test() else 0
-    return measured, time_budget.split(b.time_budget, clock.used(), measured, len(p.experiment.folds()), n_test,
-                                       p.ctx.tta, b.max_epochs, slots(res), p.given.budget.folds, b.folds)
+    n_images, n_test = len(p.experiment.folds()), len(p.experiment.test()) if p.experiment.has_test() else 0
+    split = time_budget.split(b.time_budget, clock.used(), measured, n_images, n_test, p.ctx.tta, b.max_epochs,
+                              slots(res), p.given.budget.folds, b.folds)
+    return split, measured.on_fold(n_images, split.folds, n_test, p.ctx.tta).epoch_s
 
 
 def narrow(p: Prepared, archs: dict[str, list[int]]) -> Prepared:

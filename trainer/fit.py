@@ -47,6 +47,17 @@ from trainer.model import class_weights, create
 from trainer.recipe import Recipe, lr_factor
 
 
+class Diverged(RuntimeError):
+    """A model whose predictions are no longer finite: the trial fails rather than write NaN probabilities,
+    which no ensemble could use."""
+
+
+def finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient the optimiser would apply is finite (one fused norm, one sync)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)))
+
+
 class CachedImages(torch.utils.data.Dataset):
     """Rows of the node cache as uint8 HxWx3 tensors, optionally augmented (CPU path)."""
 
@@ -189,6 +200,7 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(r.schedule, r.warmup_fraction, epochs * len(self.loader)))
         self.scaler = self.dev.scaler()
+        self.skipped_steps = 0   # optimiser steps left out for a non-finite loss or gradient (step)
 
     @property
     def hold_ids(self) -> np.ndarray:
@@ -229,8 +241,13 @@ class Run:
             loss = self.loss(self.model(x).float(), target)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.scaler.is_enabled():   # float16: the scaler itself skips a step whose gradients overflowed
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif finite_gradients(self.optimizer):
+            self.optimizer.step()
+        else:   # one NaN gradient would make every weight NaN for good: leave this batch out, count it
+            self.skipped_steps += 1
         self.scheduler.step()
         return float(loss.detach())
 
@@ -254,11 +271,15 @@ class Run:
         t0 = time.perf_counter()
         probs = predict_probs(self.model, self.images, self.hold_rows, dev=self.dev)
         eval_s = time.perf_counter() - t0
+        if not np.isfinite(probs).all():
+            raise Diverged(f"{self.recipe.arch} (lr {self.recipe.lr:g}) diverged: its holdout predictions after "
+                           f"epoch {epoch} are not finite ({self.skipped_steps} steps skipped for non-finite "
+                           "gradients); nothing of this epoch is kept")
         y = self.labels[self.hold_rows]
         name = self.ctx.metric
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         return {name: METRICS[name].fn(y, probs), "val_loss": log_loss(y, probs), "epoch": epoch,
-                "fold": self.fold, "node_id": node, "eval_s": eval_s}, probs
+                "fold": self.fold, "node_id": node, "eval_s": eval_s, "skipped_steps": self.skipped_steps}, probs
 
     def report(self, metrics: dict, probs: np.ndarray) -> None:
         """Checkpoint (weights, training state, config, holdout predictions) and report to Tune."""

@@ -121,8 +121,9 @@ def test_train_checkpoint_resume_and_predict_through_the_branch(prepared, ray_se
 
 @pytest.mark.slow
 def test_fractional_gpus_pack_two_trials_on_one_declared_gpu(prepared, tmp_path_factory, tmp_path, monkeypatch):
-    """A node that declares one GPU runs two --gpus-per-trial 0.5 trials at once, both on GPU 0; with 1 GPU
-    per trial they run one after the other. The node has no CUDA device: the trials train on its CPU."""
+    """A node that declares one GPU runs two --gpus-per-trial 0.5 trials at once, both on GPU 0 (each waits
+    for the other's start mark: an event, not a clock); with 1 GPU per trial they run one after the other.
+    The node has no CUDA device: the trials train on its CPU."""
     import ray
     from ray import tune
     from ray.cluster_utils import Cluster
@@ -130,11 +131,26 @@ def test_fractional_gpus_pack_two_trials_on_one_declared_gpu(prepared, tmp_path_
     from searchspace.config import Resources
     from searchspace.tuner import concurrency
 
+    def marked_trial(config, ctx, marks, wait_for_the_other):
+        """train_trial between two marks on disk: its start time, and (half-GPU case) whether it saw the other
+        trial's start while it ran, waiting for it at most 120 s; then its end time."""
+        import time
+
+        tag, marks = config["seed_tag"], Path(marks)
+        (marks / f"start-{tag}").write_text(repr(time.time()))
+        if wait_for_the_other:
+            deadline = time.monotonic() + 120
+            while not (marks / f"start-{1 - tag}").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            (marks / f"saw-{tag}").write_text(str((marks / f"start-{1 - tag}").exists()))
+        train_trial(config, ctx)
+        (marks / f"end-{tag}").write_text(repr(time.time()))
+
     ctx = dataclasses.replace(prepared.ctx, gpu_path_on_cpu=False, max_epochs=2)
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     monkeypatch.setenv("RAY_TMPDIR", temp)   # the address file goes to temp/ray/, not /tmp/ray/
     os.makedirs(os.path.join(temp, "ray"), exist_ok=True)
-    spans = {}
+    marks = {gpus: tmp_path / f"marks-{gpus}" for gpus in (0.5, 1.0)}
     with without_session_ray(tmp_path_factory):
         head = dict(num_cpus=2, num_gpus=1, temp_dir=temp, include_dashboard=False)
         cluster = Cluster(initialize_head=True, head_node_args=head)
@@ -142,23 +158,24 @@ def test_fractional_gpus_pack_two_trials_on_one_declared_gpu(prepared, tmp_path_
             ray.init(address=cluster.address)
             for gpus in (0.5, 1.0):
                 assert concurrency(Resources(cpus_per_trial=1, gpus_per_trial=gpus)) == (2 if gpus == 0.5 else 1)
+                marks[gpus].mkdir()
+                trainable = tune.with_parameters(marked_trial, ctx=ctx, marks=str(marks[gpus]),
+                                                 wait_for_the_other=gpus == 0.5)
                 tuner = tune.Tuner(
-                    tune.with_resources(tune.with_parameters(train_trial, ctx=ctx), {"cpu": 1, "gpu": gpus}),
+                    tune.with_resources(trainable, {"cpu": 1, "gpu": gpus}),
                     param_space={**CONFIG, "seed_tag": tune.grid_search([0, 1])},
                     run_config=tune.RunConfig(name=f"gpus-{gpus}", storage_path=str(tmp_path / "ray"), verbose=0))
                 results = tuner.fit()
                 assert not results.errors
-                spans[gpus] = []
                 for r in results:
                     with r.checkpoint.as_directory() as d:
                         assert json.loads((Path(d) / "config.json").read_text())["gpu_ids"] == ["0"]
-                    df = r.metrics_dataframe
-                    spans[gpus].append(((df["timestamp"] - df["time_total_s"]).min(), df["timestamp"].max()))
         finally:
             ray.shutdown()
             cluster.shutdown()
             shutil.rmtree(temp, ignore_errors=True)
-    (a0, a1), (b0, b1) = spans[0.5]
-    assert a0 < b1 and b0 < a1   # the two half-GPU trials overlapped
-    (a0, a1), (b0, b1) = sorted(spans[1.0])
-    assert a1 <= b0 + 1          # whole-GPU trials did not (timestamps are whole seconds)
+    half = marks[0.5]
+    assert [(half / f"saw-{tag}").read_text() for tag in (0, 1)] == ["True", "True"]   # the two ran at once
+    whole = marks[1.0]
+    spans = sorted((float((whole / f"start-{t}").read_text()), float((whole / f"end-{t}").read_text())) for t in (0, 1))
+    assert spans[0][1] <= spans[1][0]   # whole-GPU trials did not overlap: the second started after the first ended

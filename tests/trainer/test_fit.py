@@ -154,6 +154,47 @@ def test_every_schedule_optimiser_and_mix_trains_on_a_tiny_dataset(tiny_prepared
     assert all(math.isfinite(lr) and lr >= 0 for lr in lrs)
 
 
+@pytest.mark.parametrize("branch", ["plain", "accelerator"])
+def test_a_step_with_a_nan_gradient_is_left_out_and_counted(tiny_prepared, branch):
+    """One backward pass gives a NaN gradient (a hook on one weight, as a bfloat16 kernel might): the
+    optimiser skips that step, so no weight turns NaN, the schedule still advances, and the epoch's report
+    says how many steps were left out; the next steps train as usual."""
+    ctx = dataclasses.replace(tiny_prepared.ctx, gpu_path_on_cpu=branch == "accelerator")
+    run = Run({**CONFIG, "batch_size": 4}, ctx, fold=1, epochs=1)
+    weight = next(p for p in run.model.parameters() if p.requires_grad)
+    poisoned = {"left": 1}
+
+    def poison(grad):
+        if poisoned["left"]:
+            poisoned["left"] -= 1
+            return grad * float("nan")
+        return grad
+
+    weight.register_hook(poison)
+    before = [p.detach().clone() for p in run.model.parameters()]
+    batch, y = next(iter(run.loader))
+    loss = run.step(batch, y)
+    assert math.isfinite(loss) and run.skipped_steps == 1 and run.scheduler.last_epoch == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, run.model.parameters()))   # nothing was applied
+    run.train_epoch()   # the hook is spent: these steps apply
+    assert run.skipped_steps == 1 and not torch.equal(before[0], weight.detach())
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+    metrics, probs = run.evaluate(1)
+    assert metrics["skipped_steps"] == 1 and np.isfinite(probs).all()
+
+
+def test_a_model_with_nan_weights_fails_its_evaluation_instead_of_writing_nan(tiny_prepared):
+    """Predictions that are not finite would break every ensemble built on them: evaluate raises Diverged,
+    naming the architecture, the learning rate and the epoch."""
+    from trainer.fit import Diverged
+
+    run = Run(CONFIG, tiny_prepared.ctx, fold=1, epochs=1)
+    with torch.no_grad():
+        next(run.model.parameters()).fill_(float("nan"))
+    with pytest.raises(Diverged, match=r"test_resnet \(lr 0.003\) diverged: .* after epoch 3 are not finite"):
+        run.evaluate(3)
+
+
 @pytest.fixture(scope="module")
 def tiny_prepared(tmp_path_factory):
     """3 classes x 10 images, 2 folds: 15 training images per fold."""

@@ -161,6 +161,7 @@ class Run:
         self.resolved = {**r.as_dict(), "fold": fold, "epochs": epochs, "num_classes": self.num_classes,
                          "aug_backend": backend, "metric": ctx.metric, "device": device.type,
                          "accelerated": self.dev.accelerated, "gpu_ids": assigned_gpus()}
+        self.skipped_steps = 0   # optimiser steps left out for a non-finite loss or gradient (step)
         if not train:
             self.model = create(r.arch, self.num_classes, r.image_size).to(device)
             return
@@ -200,7 +201,6 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(r.schedule, r.warmup_fraction, epochs * len(self.loader)))
         self.scaler = self.dev.scaler()
-        self.skipped_steps = 0   # optimiser steps left out for a non-finite loss or gradient (step)
 
     @property
     def hold_ids(self) -> np.ndarray:

@@ -195,6 +195,19 @@ def test_a_model_with_nan_weights_fails_its_evaluation_instead_of_writing_nan(ti
         run.evaluate(3)
 
 
+def test_a_run_built_only_to_evaluate_a_checkpoint_reports_like_a_trained_one(tiny_prepared):
+    """A cross-fit's fold-0 job evaluates the search trial's checkpoint with a Run built with train=False
+    (no loader, no optimiser): its report has the same keys as a trained run's, with no steps skipped.
+    This path once raised AttributeError in every fold-0 job of every cross-fit."""
+    trained = Run(CONFIG, tiny_prepared.ctx, fold=1, epochs=1)
+    scored = Run(CONFIG, tiny_prepared.ctx, fold=1, epochs=1, train=False)
+    scored.model.load_state_dict(trained.model.state_dict())
+    metrics, probs = scored.evaluate(1)
+    expected, expected_probs = trained.evaluate(1)
+    assert metrics.keys() == expected.keys() and metrics["skipped_steps"] == 0
+    assert np.allclose(probs, expected_probs, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny_prepared(tmp_path_factory):
     """3 classes x 10 images, 2 folds: 15 training images per fold."""

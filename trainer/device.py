@@ -12,7 +12,12 @@ A CUDA device takes the accelerator branch. ``--gpu-path-on-cpu``
 runs is run, trained, checkpointed and predicted with, on a machine that has
 none. What cannot be the same is decided in ``device_for`` alone: autocast's
 dtype (CPU autocast supports bfloat16 only; a GPU without bfloat16 needs
-float16, and float16 needs loss scaling) and pinned host memory (CUDA only).
+float16, and float16 needs loss scaling), pinned host memory (CUDA only),
+and oneDNN, which the branch does not use on a CPU: on a CPU with bfloat16
+instructions (AVX512-BF16), oneDNN 3.12's bfloat16 channels_last weight
+gradient of a convolution came back with blocks of 96 NaN or 1e21-1e31
+values in 17 of 120 steps of test_resnet at 16 px (layer4.0.conv1; measured
+2026-12-06 on an AMD EPYC), and 0 of 120 with oneDNN off, at the same speed.
 The scaler, the loss and the optimiser step are the same code on both: a
 ``GradScaler`` that is not enabled passes the loss through.
 """
@@ -31,6 +36,7 @@ class Device:
     amp_dtype: torch.dtype | None     # autocast's dtype; None: no autocast
     loss_scaling: bool                # float16 autocast: a GradScaler scales the loss
     pin_memory: bool                  # page-locked host batches (CUDA copies them asynchronously)
+    onednn: bool = True               # False: a training step runs without oneDNN (the CPU bfloat16 bug above)
 
     @property
     def type(self) -> str:
@@ -41,6 +47,10 @@ class Device:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def kernels(self):
+        """Around a training step's forward and backward: the kernel libraries this branch may use."""
+        return contextlib.nullcontext() if self.onednn else torch.backends.mkldnn.flags(enabled=False)
 
     def scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, enabled=self.loss_scaling)
@@ -59,7 +69,7 @@ def device_for(gpu_path_on_cpu: bool = False) -> Device:
         return Device(torch.device("cuda"), True, torch.bfloat16 if bf16 else torch.float16, loss_scaling=not bf16,
                       pin_memory=True)
     if gpu_path_on_cpu:
-        return Device(torch.device("cpu"), True, torch.bfloat16, loss_scaling=False, pin_memory=False)
+        return Device(torch.device("cpu"), True, torch.bfloat16, loss_scaling=False, pin_memory=False, onednn=False)
     return PLAIN_CPU
 
 

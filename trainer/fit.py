@@ -237,10 +237,11 @@ class Run:
         else:   # the hard and the soft targets side by side, so that MixUp/CutMix mix both alike
             target = torch.cat([F.one_hot(self.labels_on_device[y], self.num_classes).float(), self.soft_targets[y]], 1)
         x, target = mix_batch(x, target, self.policy, self.rng)
-        with self.dev.autocast():
-            loss = self.loss(self.model(x).float(), target)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        with self.dev.kernels():
+            with self.dev.autocast():
+                loss = self.loss(self.model(x).float(), target)
+            self.scaler.scale(loss).backward()
         if self.scaler.is_enabled():   # float16: the scaler itself skips a step whose gradients overflowed
             self.scaler.step(self.optimizer)
             self.scaler.update()

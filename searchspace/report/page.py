@@ -207,7 +207,8 @@ def ensemble_section(page: Page, shown: Predictions) -> str:
         selection = ("<p class='note'>No ensemble yet: run <code>python -m ensemble_builder select --experiment "
                      f"{esc(exp.location)}</code>, then build this report again."
                      + (f" Until then the figures below show {esc(shown.subject)}." if shown.members else "") + "</p>")
-    return lines("<h2>Ensemble</h2>", selection, candidates_part(page), per_class_part(page, shown))
+    return lines("<h2>Ensemble</h2>", selection, candidates_part(page), student_part(page),
+                 per_class_part(page, shown))
 
 
 def selection_part(page: Page) -> str:
@@ -252,6 +253,32 @@ def candidates_part(page: Page) -> str:
                              "that both of a pair get wrong. Low values off the diagonal mean complementary "
                              "candidates.", "error overlap"),
                  "</div>")
+
+
+def student_part(page: Page) -> str:
+    """The distilled student (``ensemble_builder distill``) against the ensemble and the best single candidate:
+    size, images per second side by side, and the scores on the fold it never trained on; "" without one."""
+    r = (page.exp.ensemble or {}).get("student")
+    if not r:
+        return ""
+    s, nested = r["scores"], r.get("ensemble_nested_fold") or {}
+    rows = [{"": f"student {r['arch']}@{r['image_size']}", "accuracy": s["student"]["accuracy"],
+             "log loss": s["student"]["log_loss"], "parameters": f"{r['params']:,}", "MB": r["mb"],
+             "images/s": r["images_per_s"]},
+            {"": "best single candidate (out of fold)", "accuracy": s["best_single"]["accuracy"],
+             "log loss": s["best_single"]["log_loss"], "parameters": "", "MB": None, "images/s": None},
+            {"": f"ensemble: {r['ensemble_models']} models", "accuracy": s["ensemble_in_sample"]["accuracy"],
+             "log loss": s["ensemble_in_sample"]["log_loss"], "parameters": f"{r['ensemble_params']:,}",
+             "MB": r["ensemble_mb"], "images/s": r["ensemble_images_per_s"]}]
+    honest = (f" The ensemble's nested CV {esc(nested['metric'].replace('_', ' '))} on this fold, the honest "
+              f"figure: {fmt(nested['score'])}." if nested else "")
+    return ("<h3>Distilled student</h3>" + table(rows, left={""})
+            + f"<p class='muted'>Scored on fold {r['holdout_fold']} ({r['images']} images), which the scored "
+            "student never trained on; the student that ships trained on every image. The ensemble's scores "
+            f"there are in-sample (its weights saw these images: optimistic).{honest} Images per second measured "
+            f"side by side on {r['speed_images']} images: the student is {r['speedup']:g}x the ensemble. "
+            f"Distilling took {duration(r['seconds'])}; <code>python -m ensemble_builder predict --model student"
+            "</code> uses it alone.</p>")
 
 
 def per_class_part(page: Page, shown: Predictions) -> str:

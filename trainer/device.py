@@ -48,9 +48,18 @@ class Device:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    @contextlib.contextmanager
     def kernels(self):
-        """Around a training step's forward and backward: the kernel libraries this branch may use."""
-        return contextlib.nullcontext() if self.onednn else torch.backends.mkldnn.flags(enabled=False)
+        """Around a training step's forward and backward: the kernel libraries this branch may use. Only the
+        enabled flag is switched (``mkldnn.flags()`` would also set TF32, and warn on every CPU build)."""
+        if self.onednn:
+            yield
+            return
+        was = torch.backends.mkldnn.set_flags(_enabled=False, _fp32_precision=None)[0]
+        try:
+            yield
+        finally:
+            torch.backends.mkldnn.set_flags(_enabled=was, _fp32_precision=None)
 
     def scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, enabled=self.loss_scaling)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import html.parser
 import os
 import random
 import socket
@@ -356,3 +357,43 @@ MOTO_CREDENTIALS = {
 def uri(endpoint: str, bucket: str, key: str = "") -> str:
     """s3://bucket/key with the pyarrow options that reach moto's server at ``endpoint`` (host:port) over HTTP."""
     return f"s3://{bucket}/{key}".rstrip("/") + f"?endpoint_override={endpoint}&scheme=http"
+
+
+# --- report pages -----------------------------------------------------------------
+
+class Links(html.parser.HTMLParser):
+    """Every src/href, every <img> src, and the text of each table cell, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.links, self.images, self.tables, self.scripts = [], [], [], 0
+        self._cell = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.links += [v for k, v in attrs.items() if k in ("src", "href") and v is not None]
+        if tag == "img":
+            self.images.append(attrs.get("src"))
+        if tag == "script":
+            self.scripts += 1
+        if tag == "table":
+            self.tables.append([])
+        if tag == "tr" and self.tables:
+            self.tables[-1].append([])
+        if tag in ("td", "th"):
+            self._cell = ""
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append(self._cell.strip())
+            self._cell = None
+
+
+def parse(index: Path) -> Links:
+    p = Links()
+    p.feed(index.read_text())
+    return p

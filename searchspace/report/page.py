@@ -266,7 +266,7 @@ def student_part(page: Page) -> str:
              "log loss": s["student"]["log_loss"], "parameters": f"{r['params']:,}", "MB": r["mb"],
              "images/s": r["images_per_s"]},
             {"": "best single candidate (out of fold)", "accuracy": s["best_single"]["accuracy"],
-             "log loss": s["best_single"]["log_loss"], "parameters": "", "MB": None, "images/s": None},
+             "log loss": s["best_single"]["log_loss"], "parameters": None, "MB": None, "images/s": None},
             {"": f"ensemble: {r['ensemble_models']} models", "accuracy": s["ensemble_in_sample"]["accuracy"],
              "log loss": s["ensemble_in_sample"]["log_loss"], "parameters": f"{r['ensemble_params']:,}",
              "MB": r["ensemble_mb"], "images/s": r["ensemble_images_per_s"]}]

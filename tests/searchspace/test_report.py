@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import html
-import html.parser
 import http.server
 import io
 import json
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import parse
 
 from ensemble_builder.__main__ import main as ensemble_main
 from searchspace.report import main
@@ -77,44 +77,6 @@ def png_size(path: Path) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} is not a PNG"
     assert data[12:16] == b"IHDR", f"{path.name}: no IHDR chunk first"
     return struct.unpack(">II", data[16:24])
-
-
-class Links(html.parser.HTMLParser):
-    """Every src/href, every <img> src, and the text of each table cell, in order."""
-
-    def __init__(self):
-        super().__init__()
-        self.links, self.images, self.tables, self.scripts = [], [], [], 0
-        self._cell = None
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        self.links += [v for k, v in attrs.items() if k in ("src", "href") and v is not None]
-        if tag == "img":
-            self.images.append(attrs.get("src"))
-        if tag == "script":
-            self.scripts += 1
-        if tag == "table":
-            self.tables.append([])
-        if tag == "tr" and self.tables:
-            self.tables[-1].append([])
-        if tag in ("td", "th"):
-            self._cell = ""
-
-    def handle_data(self, data):
-        if self._cell is not None:
-            self._cell += data
-
-    def handle_endtag(self, tag):
-        if tag in ("td", "th") and self._cell is not None:
-            self.tables[-1][-1].append(self._cell.strip())
-            self._cell = None
-
-
-def parse(index: Path) -> Links:
-    p = Links()
-    p.feed(index.read_text())
-    return p
 
 
 # --- the report itself ----------------------------------------------------------

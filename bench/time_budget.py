@@ -187,24 +187,24 @@ def plot(rows: list[dict], path: str) -> None:
     import numpy as np
 
     names = sorted({r["dataset"] for r in rows})
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        for who, colour in (("pipeline", "#2f7ed8"), ("baseline", "#f28e2b")):
+    metrics = (("accuracy", "test accuracy"), ("log_loss", "test log loss"))
+    fig, axes = plt.subplots(len(metrics), len(names), figsize=(4.2 * len(names), 3.2 * len(metrics)), squeeze=False)
+    for (metric, label), row in zip(metrics, axes):
+        for ax, name in zip(row, names):
             budgets = sorted({r["budget_min"] for r in rows if r["dataset"] == name})
-            means, stds = [], []
-            for m in budgets:
-                accs = [r[who]["accuracy"] for r in rows if r["dataset"] == name and r["budget_min"] == m
-                        and "accuracy" in r[who]]
-                means.append(np.mean(accs) if accs else np.nan)
-                stds.append(np.std(accs, ddof=1) if len(accs) > 1 else 0.0)
-            label = "pipeline" if who == "pipeline" else "simplest alternative"
-            ax.errorbar(budgets, means, yerr=stds, marker="o", capsize=3, color=colour, label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
-        ax.set_title(name)
-        ax.set_xlabel("budget (minutes)")
-        ax.set_ylabel("test accuracy")
-        ax.grid(alpha=0.3)
+            for who, colour, legend in (("pipeline", "#2f7ed8", "pipeline"),
+                                        ("baseline", "#f28e2b", "simplest alternative")):
+                cells = [[r[who][metric] for r in rows if r["dataset"] == name and r["budget_min"] == m
+                          and metric in r[who]] for m in budgets]
+                ax.errorbar(budgets, [np.mean(c) if c else np.nan for c in cells],
+                            yerr=[np.std(c, ddof=1) if len(c) > 1 else 0.0 for c in cells], marker="o", capsize=3,
+                            color=colour, label=legend)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+            ax.set_title(f"{name} (mean and sd over seeds)")
+            ax.set_xlabel("budget (minutes)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -1,6 +1,6 @@
 """Benchmark: a trial's fixed costs with a warm cache, tiny model (test_resnet, 32 px, digits).
 
-(a) In a fresh interpreter, the steps of trainer.fit.train_trial up to its first optimiser step, each timed: the
+(a) In a fresh interpreter, a trial's start up to its first optimiser step through trainer.fit.Run, each part timed: the
     first repetition is a new Ray actor's cost after its imports, the next ones a reused actor's.
 (b) A real short search (N trials x 1 epoch): from each trial folder's result.json and checkpoint mtimes, when each
     trainable started and ended; the scheduling gap = a trial's start - the latest end of another trial before it.
@@ -35,75 +35,23 @@ HP = dict(arch="test_resnet", image_size=32, resize_mode="squish", pretrained=Fa
 # --- (a) in process ----------------------------------------------------------------
 
 def in_process(ctx: dict, cpus: int, max_epochs: int) -> dict[str, float]:
-    """Seconds of each step of train_trial up to its first optimiser step (same calls, same order)."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
+    """Seconds of a trial's start up to its first optimiser step, through the trainer's own ``Run``."""
+    from core.experiment import TrialContext
+    from trainer.fit import Run
 
-    from core.experiment import Experiment
-    from trainer.augment import AugPolicy, albumentations_pipeline, mix_batch
-    from trainer.cache import cached_images
-    from trainer.fit import CachedImages
-    from trainer.inference import norm_stats, to_input
-    from trainer.model import class_weights, create
-    from trainer.recipe import lr_factor
-
-    t = {}
-    clock = [time.perf_counter()]
-
-    def lap(name):
-        now = time.perf_counter()
-        t[name] = now - clock[0]
-        clock[0] = now
-
-    hp, fold = dict(HP), 0
-    torch.set_num_threads(cpus)
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    index = Experiment(ctx["experiment"]).folds()
-    lap("read folds.parquet")
-    size, mode = int(hp["image_size"]), hp["resize_mode"]
-    images = cached_images(index["path"].tolist(), ctx["data_key"], size, mode, ctx["cache_dir"], workers=cpus)
-    labels = index["label"].to_numpy()
-    num_classes = int(ctx["num_classes"])
-    train_rows = np.flatnonzero(index["fold"].to_numpy() != fold)
-    lap("open the warm cache (lock + meta + memmap)")
-    device = torch.device("cpu")
-    policy = AugPolicy.from_config(hp)
-    dataset = CachedImages(images, train_rows, labels, albumentations_pipeline(policy))
-    batch_size = min(int(hp["batch_size"]), len(train_rows))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=cpus - 1,
-        pin_memory=False, persistent_workers=cpus > 1, generator=torch.Generator().manual_seed(0))
-    lap("augmentation + dataset + DataLoader")
-    model = create(hp["arch"], num_classes, size).to(device)
-    mean, std = norm_stats(model, device)
-    weights = class_weights(labels[train_rows], num_classes, float(hp["class_weight_power"])).to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp["lr"],
-                                  weight_decay=hp["weight_decay"])
-    steps = max_epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor("cosine", hp["warmup_fraction"], steps))
-    scaler = torch.amp.GradScaler(enabled=False)
-    lap("model + loss weights + optimiser + schedule")
-    model.train()
-    it = iter(loader)
-    batch, y = next(it)
-    lap("first batch (loader start, augment)")
-    with torch.no_grad():
-        x = to_input(batch, mean, std, None)
-    target = F.one_hot(y, num_classes).float()
-    x, target = mix_batch(x, target, policy, rng)
-    with torch.autocast(device_type="cpu", enabled=False):
-        loss = F.cross_entropy(model(x).float(), target, weight=weights, label_smoothing=float(hp["label_smoothing"]))
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    lap("first optimiser step (fwd + bwd + step)")
-    del it, loader  # stops persistent workers
-    return t
+    context = TrialContext.from_dict({**ctx, "cpus_per_trial": cpus, "max_epochs": max_epochs, "metric": "accuracy"})
+    t0 = time.perf_counter()
+    run = Run(HP, context, fold=0, epochs=max_epochs)
+    t1 = time.perf_counter()
+    run.model.train()
+    batch, y = next(iter(run.loader))
+    t2 = time.perf_counter()
+    run.step(batch, y)
+    t3 = time.perf_counter()
+    del run   # stops the loader's persistent workers
+    return {"Run set-up (folds, warm cache, dataset + DataLoader, model, optimiser, schedule)": t1 - t0,
+            "first batch (loader start, augment)": t2 - t1,
+            "first optimiser step (Run.step: forward, backward, step)": t3 - t2}
 
 
 def child(spec_path: str) -> None:
@@ -252,7 +200,7 @@ def main() -> None:
     worst_cold = max(c for c, _ in sums.values())
     notes = [
         f"(a) digits, {train_images} training images (fold 0 held out), test_resnet at 32 px, batch 64, "
-        "albumentations over the warm cache on CPU; loader workers = cpus - 1 (persistent when > 0), as in train_trial",
+        "albumentations over the warm cache on CPU, timed through trainer.fit.Run, the class every trial uses",
         "(a) each cpus value runs in a fresh interpreter: its first run is what a new Ray actor pays after its "
         "imports (first model build, first step); later runs are what a reused actor pays (Tune reuses actors)",
         f"target <= 3 s to the first step for a tiny model: reused actor {worst_warm:.2f} s, new actor "

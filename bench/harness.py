@@ -448,7 +448,29 @@ def score_experiment(location: str, info: dict) -> dict:
     record = exp.ensemble()
     return dict(**scores(labels(info, exp.meta()["class_names"], order), P),
                 members=[(m["candidate"], round(m["weight"], 3)) for m in record["members"]],
-                setting=record["cv"]["chosen"]["name"], cv_gain=record["cv"]["gain"])
+                setting=record["cv"]["chosen"]["name"], cv_gain=record["cv"]["gain"],
+                network=best_network(location, info))
+
+
+def best_network(location: str, info: dict) -> dict | None:
+    """The cross-fitted network with the best out-of-fold accuracy, on the held-out test labels: what a user who
+    cares for accuracy alone would ship instead of the ensemble. None when no network was cross-fitted."""
+    from core.experiment import Experiment
+    from core.metrics import accuracy
+    exp = Experiment(location)
+    truth = exp.folds().set_index("sample_id")["label"]
+    networks = [exp.candidate(c) for c in exp.candidate_ids() if c.startswith("cv-") and exp.candidate(c).has_test()]
+    if not networks:
+        return None
+
+    def oof_accuracy(c) -> float:
+        oof = c.oof()
+        return accuracy(truth.loc[oof.column("sample_id").to_pylist()].to_numpy(), test_probs(oof, oof.column(
+            "sample_id").to_pylist()))
+    best = max(networks, key=oof_accuracy)
+    order = exp.test()["sample_id"].tolist()
+    return dict(candidate=best.cid, arch=best.config().get("arch"),
+                **scores(labels(info, exp.meta()["class_names"], order), test_probs(best.test(), order)))
 
 
 # --- cells over datasets and seeds ------------------------------------------------------------------

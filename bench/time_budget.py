@@ -149,7 +149,13 @@ def cell(name: str, seed: int, minutes: float, first: str) -> dict:
 # --- the report ------------------------------------------------------------------------------
 
 def load_results() -> list[dict]:
-    return [json.load(open(p)) for p in sorted(glob.glob(os.path.join(OUT, "*.json")))]
+    """Every saved cell; the best network alone is scored from the run where a cell saved before it was kept."""
+    rows = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(OUT, "*.json")))]
+    for r in rows:
+        location = r["pipeline"].get("location")
+        if "network" not in r["pipeline"] and location and os.path.exists(os.path.join(location, "ensemble")):
+            r["pipeline"]["network"] = harness.best_network(location, harness.dataset(r["dataset"]))
+    return rows
 
 
 def table(rows: list[dict]) -> str:
@@ -168,15 +174,19 @@ def table(rows: list[dict]) -> str:
                           f"(searched {pl_.get('searched_epochs')}), {r['pipeline'].get('trials')} trials"
                           for r, pl_ in zip(ok, plans))
         beats = ("n/a (1 seed: no spread)" if len(ok) < 2 else "yes" if diff > ds and diff > 0 else "no")
+        alone = [r["pipeline"]["network"]["accuracy"] for r in ok if r["pipeline"].get("network")]
         lines.append([name, f"{minutes:g}", len(ok), harness.spread_cell([r["pipeline"]["accuracy"] for r in ok]),
                       harness.spread_cell([r["baseline"]["accuracy"] for r in ok]),
                       harness.spread_cell([r["pipeline"]["accuracy"] - r["baseline"]["accuracy"] for r in ok],
                                           sign=True),
-                      beats, f"{pl:.3f}", f"{bl:.3f}", f"{pt:.0f}", f"{bt:.0f}",
+                      beats, harness.spread_cell(alone) + (f" ({len(alone)} of {len(ok)})" if len(alone) < len(ok)
+                                                           and alone else ""),
+                      f"{pl:.3f}", f"{bl:.3f}", f"{pt:.0f}", f"{bt:.0f}",
                       ", ".join(str(r["baseline"].get("epochs")) for r in ok), split])
     return harness.md_table(
         ["dataset", "budget (min)", "seeds", "pipeline acc", "alternative acc", "difference", "beats by > spread",
-         "pipeline log loss", "alternative log loss", "pipeline s", "alternative s", "alternative epochs",
+         "its best network alone, acc (seeds with the run here)", "pipeline log loss", "alternative log loss",
+         "pipeline s", "alternative s", "alternative epochs",
          "pipeline: K, configs x epochs, trials (per seed)"], lines)
 
 

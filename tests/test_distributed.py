@@ -203,11 +203,12 @@ def test_search_spreads_over_nodes_and_each_node_builds_its_cache_once(tmp_path,
 
     from searchspace.run import main
 
-    # Tune reuses actors, and a pending trial whose actor is still starting takes a cached one instead: trials
-    # that end before another node's actor has started all run where the first actor did (a failed run here:
-    # the head's actor finished six 16 px trials while the workers' actors were still importing torch). So the
-    # trials run on the two workers alone, whose actors start side by side, and each lasts a few seconds.
-    data = make_paddy(tmp_path / "data", classes=3, per_class=40, test=4, size=(128, 128))
+    # Tune reuses actors: a finished trial's actor is cached, and a pending trial whose own actor is still
+    # starting (imports: ~4 s, twice that on a busy machine) takes the cached one and drops its own. Trials
+    # shorter than an actor's start therefore all run on the first actor up (two failed runs here: six 16 px
+    # trials all on the head, then six 3-epoch trials all on w1). So each trial here lasts well over an actor's
+    # start (6 epochs of 240 images at 128 px), and the trials run on the two workers alone.
+    data = make_paddy(tmp_path / "data", classes=3, per_class=120, test=4, size=(128, 128))
     caches, storage_root = tmp_path / "caches", tmp_path / "runs"
     with local_cluster(monkeypatch, ray_tmp, caches, head_cpus=0) as (cluster, nodes):
         ray.init(address=cluster.address)
@@ -222,8 +223,8 @@ def test_search_spreads_over_nodes_and_each_node_builds_its_cache_once(tmp_path,
         assert seen == [(n.node_id, str(caches / name)) for name, n in nodes.items()]
 
         argv = ["paddy", "--data", str(data), "--storage", str(storage_root), "--name", "multi",
-                "--archs", "test_resnet", "--image-sizes", "128", "--trials", "6", "--max-epochs", "3",
-                "--grace-period", "3", "--folds", "2", "--crossfit-top", "1", "--cpus-per-trial", "1",
+                "--archs", "test_resnet", "--image-sizes", "128", "--trials", "4", "--max-epochs", "6",
+                "--grace-period", "6", "--folds", "2", "--crossfit-top", "1", "--cpus-per-trial", "1",
                 "--cache-dir", str(tmp_path / "driver-cache"), "--weights-dir", str(weights), "--seed", "0"]
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
@@ -234,7 +235,7 @@ def test_search_spreads_over_nodes_and_each_node_builds_its_cache_once(tmp_path,
 
     experiment = storage_root / "multi"
     trials = pd.read_parquet(experiment / "trials.parquet")
-    assert len(trials) == 6 and trials["trial_id"].is_unique
+    assert len(trials) == 4 and trials["trial_id"].is_unique
     assert (trials["status"] == "ok").all(), trials[["trial_id", "status", "error"]]
 
     # Trials ran on both workers (1 CPU each, 1 CPU per trial, none on the head)

@@ -455,7 +455,7 @@ def score_experiment(location: str, info: dict) -> dict:
 def best_network(location: str, info: dict) -> dict | None:
     """The cross-fitted network with the best out-of-fold accuracy, on the held-out test labels: what a user who
     cares for accuracy alone would ship instead of the ensemble. None when no network was cross-fitted."""
-    from core.experiment import Experiment
+    from core.experiment import Experiment, probs_array
     from core.metrics import accuracy
     exp = Experiment(location)
     truth = exp.folds().set_index("sample_id")["label"]
@@ -465,8 +465,7 @@ def best_network(location: str, info: dict) -> dict | None:
 
     def oof_accuracy(c) -> float:
         oof = c.oof()
-        return accuracy(truth.loc[oof.column("sample_id").to_pylist()].to_numpy(), test_probs(oof, oof.column(
-            "sample_id").to_pylist()))
+        return accuracy(truth.loc[oof.column("sample_id").to_pylist()].to_numpy(), probs_array(oof))
     best = max(networks, key=oof_accuracy)
     order = exp.test()["sample_id"].tolist()
     return dict(candidate=best.cid, arch=best.config().get("arch"),

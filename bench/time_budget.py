@@ -206,9 +206,8 @@ def plot(rows: list[dict], path: str) -> None:
                                         ("baseline", "#f28e2b", "simplest alternative")):
                 cells = [[r[who][metric] for r in rows if r["dataset"] == name and r["budget_min"] == m
                           and metric in r[who]] for m in budgets]
-                ax.errorbar(budgets, [np.mean(c) if c else np.nan for c in cells],
-                            yerr=[np.std(c, ddof=1) if len(c) > 1 else 0.0 for c in cells], marker="o", capsize=3,
-                            color=colour, label=legend)
+                mean, sd = zip(*(harness.mean_spread(c) if c else (np.nan, 0.0) for c in cells))
+                ax.errorbar(budgets, mean, yerr=sd, marker="o", capsize=3, color=colour, label=legend)
             ax.set_xscale("log", base=2)
             ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
             ax.set_title(f"{name} (mean and sd over seeds)")

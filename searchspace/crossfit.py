@@ -54,9 +54,33 @@ def eligible(trials: pd.DataFrame, mode: str, fraction: float = MIN_SCORE_FRACTI
     return done[done["score"] >= limit] if mode == "max" else done[done["score"] <= limit]
 
 
+ANCHOR_REASON = ("the task's default recipe, first: trained at the final length, where the search's few "
+                 "epochs cannot rank it")
+
+
+def default_recipe_trial(trials: pd.DataFrame, config: dict) -> str | None:
+    """The search trial that ran ``config`` (the task's default recipe, the portfolio's first point), when one
+    ran it and reported an epoch; None otherwise (``--no-portfolio``, or it failed)."""
+    match = (trials["status"] == "ok") & (trials["epochs_run"] >= 1)
+    for key, value in config.items():
+        if key not in trials:
+            continue
+        column = trials[key]
+        if isinstance(value, float):
+            match &= np.isclose(pd.to_numeric(column, errors="coerce").to_numpy(float), value)
+        else:
+            match &= column == value
+    hits = trials.loc[match, "trial_id"]
+    return None if hits.empty else str(hits.iloc[0])
+
+
 def choose(trials: pd.DataFrame, experiment: Experiment, top: int, mode: str, metric: str,
-           by: str = "complementarity", partial: bool = False) -> pd.DataFrame:
+           by: str = "complementarity", partial: bool = False, anchor: str | None = None) -> pd.DataFrame:
     """The configs to cross-fit, in order: trial_id, crossfit_rank, crossfit_gain, crossfit_reason.
+
+    ``anchor``: a trial that goes first whatever its search score (the task's
+    default recipe under a time budget, ``default_recipe_trial``); the rest are
+    chosen as below.
 
     Complementarity: Caruana's greedy selection (the ensemble builder's own
     ``EnsembleSelection``, ties broken on log loss) over the eligible trials'
@@ -69,6 +93,9 @@ def choose(trials: pd.DataFrame, experiment: Experiment, top: int, mode: str, me
     from ensemble_builder.greedy import EnsembleSelection
 
     rows, seen = [], set()
+    if anchor is not None and top > 0:
+        rows.append(dict(trial_id=anchor, crossfit_gain=None, crossfit_reason=ANCHOR_REASON))
+        seen.add(anchor)
     pool = eligible(trials, mode) if by == "complementarity" else trials.iloc[:0]
     if len(pool) > 1 and top > 1:
         index = experiment.folds()
@@ -80,7 +107,7 @@ def choose(trials: pd.DataFrame, experiment: Experiment, top: int, mode: str, me
         previous = None
         for step, c in enumerate(sel.indices_):
             score = sel.trajectory_[step]
-            if ids[c] not in seen:
+            if ids[c] not in seen and len(rows) < top:
                 gain = None if previous is None else score - previous
                 reason = (f"greedy step {step + 1}: ensemble {metric} {score:.4f}"
                           + (" (the best single config)" if gain is None else f" ({gain:+.4f})"))
@@ -100,6 +127,19 @@ def choose(trials: pd.DataFrame, experiment: Experiment, top: int, mode: str, me
     chosen = pd.DataFrame(rows[:top], columns=["trial_id", "crossfit_gain", "crossfit_reason"])
     chosen.insert(1, "crossfit_rank", np.arange(1, len(chosen) + 1))
     return chosen
+
+
+def anchor(trials: pd.DataFrame, meta: dict) -> str | None:
+    """Under a time budget, the trial of the task's default recipe: the final stage trains every chosen config
+    longer than the search did, and a recipe that starts slowly (ASHA stops it at its grace period) may end
+    best; the simplest alternative is that recipe trained long. docs/design.md, "The time budget", rule 5."""
+    from searchspace.tasks import get_task
+    from searchspace.tuner import first_config
+
+    if not meta["options"].get("portfolio", True) or not meta["options"].get("archs"):
+        return None
+    ctx = TrialContext.from_dict(meta["context"])
+    return default_recipe_trial(trials, first_config(get_task(meta["task"]), meta["options"]["archs"], ctx))
 
 
 def crossfit_jobs(trials: pd.DataFrame, experiment: Experiment, chosen: list[str], folds: int,
@@ -212,7 +252,8 @@ def crossfit(experiment: Experiment, res: Resources, top: int | None = None, tta
         chosen = kept[["trial_id", "crossfit_rank", "crossfit_gain", "crossfit_reason"]]
         chosen = chosen[chosen["trial_id"].isin(plan["configs"])] if plan else chosen.head(top)
     else:
-        chosen = choose(trials, experiment, top, meta["mode"], meta["metric"], by, partial=budgeted)
+        chosen = choose(trials, experiment, top, meta["mode"], meta["metric"], by, partial=budgeted,
+                        anchor=anchor(trials, meta) if budgeted else None)
         trials = record_choice(experiment, trials, chosen)
         meta["crossfit_by"] = by
         experiment.write_meta(meta)

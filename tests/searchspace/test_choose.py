@@ -14,7 +14,7 @@ import pytest
 
 from core.experiment import Experiment, probs_table
 from core.metrics import accuracy
-from searchspace.crossfit import choose, crossfit_jobs, eligible
+from searchspace.crossfit import ANCHOR_REASON, choose, crossfit_jobs, default_recipe_trial, eligible
 
 N = 100
 
@@ -115,3 +115,37 @@ def test_jobs_cover_every_fold_of_the_chosen_configs_at_the_searched_length(expe
                                                            ("cv-A", 0), ("cv-A", 1), ("cv-A", 2)]
     assert all(j["epochs"] == 3 for j in jobs)
     assert [j.get("from_checkpoint") for j in jobs if j["fold"] == 0] == ["/ckpt/B", "/ckpt/A"]
+
+
+def test_an_anchor_goes_first_whatever_its_score_and_the_rest_are_chosen_as_before(experiment):
+    """Under a time budget the task's default recipe leads the final stage: ASHA may have stopped it early
+    (here: 'weak', stopped), yet trained long it can be the best network."""
+    exp, _, _ = experiment
+    trials = exp.trials()
+    trials.loc[trials["trial_id"] == "weak", "completed"] = False
+    without = choose(trials, exp, 2, "max", "accuracy", partial=True)["trial_id"].tolist()
+    chosen = choose(trials, exp, 3, "max", "accuracy", partial=True, anchor="weak")
+    assert chosen["trial_id"].tolist() == ["weak", *without]
+    assert chosen["crossfit_rank"].tolist() == [1, 2, 3]
+    assert chosen["crossfit_reason"].iloc[0] == ANCHOR_REASON and pd.isna(chosen["crossfit_gain"].iloc[0])
+    # one config: the anchor alone; and the anchor is never chosen twice
+    assert choose(trials, exp, 1, "max", "accuracy", partial=True, anchor="weak")["trial_id"].tolist() == ["weak"]
+    twice = choose(trials, exp, 3, "max", "accuracy", partial=True, anchor="A")["trial_id"].tolist()
+    assert twice[0] == "A" and twice.count("A") == 1 and len(twice) == 3
+
+
+def test_the_default_recipe_s_trial_is_found_by_its_config_and_only_when_it_ran():
+    default = {"arch": "test_resnet", "lr": 0.01, "batch_size": 32, "label_smoothing": 0.1,
+               "image_size_test_resnet": 48}   # (a parameter that is no column of trials.parquet is not compared)
+    trials = pd.DataFrame([
+        dict(trial_id="t1", arch="test_resnet", lr=0.0279, batch_size=32, label_smoothing=0.1, status="ok",
+             epochs_run=10),
+        dict(trial_id="t2", arch="test_resnet", lr=0.01 + 1e-12, batch_size=32, label_smoothing=0.1, status="ok",
+             epochs_run=2),
+        dict(trial_id="t3", arch="test_efficientnet", lr=0.01, batch_size=32, label_smoothing=0.1, status="ok",
+             epochs_run=10)])
+    assert default_recipe_trial(trials, default) == "t2"
+    trials.loc[1, "status"] = "error"
+    assert default_recipe_trial(trials, default) is None
+    trials.loc[1, ["status", "epochs_run"]] = ["ok", 0]
+    assert default_recipe_trial(trials, default) is None

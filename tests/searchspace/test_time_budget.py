@@ -21,6 +21,7 @@ from helpers import make_paddy
 from core.errors import BadInput
 from core.experiment import Experiment
 from searchspace import time_budget as tb
+from searchspace.crossfit import ANCHOR_REASON
 from searchspace.run import main
 from searchspace.tasks import get_task
 
@@ -233,6 +234,10 @@ def test_a_budgeted_run_falls_back_to_the_small_space_ends_within_its_budget_wit
     assert exp.candidate(f"cv-{plan['configs'][0]}").exists()
     # trials stopped by the search's deadline are recorded as such, in trials.parquet and the study
     trials = exp.trials()
+    # the task's default recipe (the search's first trial: the portfolio's first point) leads the final stage
+    first = trials.set_index("trial_id").loc[plan["configs"][0]]
+    assert first["crossfit_reason"] == ANCHOR_REASON, trials[["trial_id", "crossfit_rank", "crossfit_reason"]]
+    assert first["arch"] == next(iter(fallback)) and "1. " + plan["configs"][0] in text
     assert set(trials["stop_reason"].dropna()) <= {"completed", "asha", "time budget", "error"}
 
 

@@ -7,7 +7,11 @@ as fit in B. Both start cold; test accuracy and log loss, wall time, the pipelin
     python bench/time_budget.py                                   # full: 3 datasets x 3 seeds x 3, 6, 12, 24 min
     python bench/time_budget.py --datasets animals --budgets 6 --seeds 0          # one cell
     python bench/time_budget.py --report-only                     # the table and plot from the saved results
+    python bench/time_budget.py --datasets animals --budgets 12 --seeds 2 --pipeline-only anchor
+                                  # the pipeline alone again (code changed), against the cell's saved alternative
     python bench/time_budget.py baseline --task T --data DIR ...  # the alternative alone (what the runs call)
+    python bench/time_budget.py length --cell animals-s0-12m --candidate cv-27fde63b --models 0:33,0:132,all:132
+                                      # one recipe of a saved run, trained again at other lengths (the cause table)
 """
 from __future__ import annotations
 
@@ -74,6 +78,45 @@ def baseline(a) -> None:
                        classes=p.experiment.meta()["class_names"]), f)
     print(f"baseline: {recipe['arch']}@{recipe['image_size']} {epochs} epochs ({epoch_s:.2f} s each)", flush=True)
     assert np.isfinite(probs).all()
+
+
+# --- what length buys: one recipe of a saved run, trained again -------------------------------
+
+def length(a) -> None:
+    """A saved run's candidate recipe trained again on a fold or on every image, at each given length, on both
+    cores; each model's test accuracy and log loss (with the run's TTA). Says whether longer final models, or
+    the images of the holdout, would have scored higher: the cause table in BENCHMARKS.md."""
+    from dataclasses import replace
+
+    from core.experiment import Experiment, TrialContext
+    from trainer.cache import cached_images
+    from trainer.fit import Run
+    from trainer.inference import predict_probs
+
+    name = a.cell.split("-s")[0]
+    exp = Experiment(os.path.join(OUT, "runs", a.cell, "pipeline"))
+    meta = exp.meta()
+    ctx = replace(TrialContext.from_dict(meta["context"]), experiment=exp.location, cpus_per_trial=os.cpu_count())
+    config = exp.candidate(a.candidate).config()
+    test = exp.test()
+    order = test["sample_id"].tolist()
+    y = harness.labels(harness.dataset(name), meta["class_names"], order)
+    images = cached_images(test["path"].tolist(), ctx.test_key, config["image_size"], config["resize_mode"],
+                           ctx.cache_dir)
+    out = os.path.join(OUT, "length", f"{a.cell}-{a.candidate}.json")
+    rows = json.load(open(out)) if os.path.exists(out) else []
+    for model in a.models.split(","):
+        fold, epochs = model.split(":")
+        t = time.time()
+        run = Run(config, ctx, fold=None if fold == "all" else int(fold), epochs=int(epochs))
+        for _ in range(int(epochs)):
+            run.train_epoch()
+        row = dict(fold=fold, epochs=int(epochs), arch=config["arch"], image_size=config["image_size"],
+                   **harness.scores(y, predict_probs(run.model, images, tta=ctx.tta).astype("float64")),
+                   seconds=round(time.time() - t, 1))
+        print(json.dumps(row), flush=True)
+        rows = [r for r in rows if (r["fold"], r["epochs"]) != (fold, int(epochs))] + [row]
+        harness.save_json(out, rows)
 
 
 # --- one cell ------------------------------------------------------------------------------
@@ -143,6 +186,21 @@ def cell(name: str, seed: int, minutes: float, first: str) -> dict:
     p, b = out["pipeline"], out["baseline"]
     print(f"{tag}: pipeline {p.get('accuracy', float('nan')):.4f} in {p['seconds']:.0f} s, "
           f"baseline {b.get('accuracy', float('nan')):.4f} in {b['seconds']:.0f} s", flush=True)
+    return out
+
+
+def pipeline_again(name: str, seed: int, minutes: float, variant: str) -> dict:
+    """A saved cell's pipeline side run again as ``variant`` (the code changed), beside the alternative that cell
+    saved: results/time_budget/<variant>/<cell>.json."""
+    tag = f"{name}-s{seed}-{minutes:g}m"
+    saved = json.load(open(os.path.join(OUT, f"{tag}.json")))
+    out = {**saved, "variant": variant, "before": {k: saved["pipeline"].get(k) for k in
+                                                   ("accuracy", "log_loss", "seconds", "plan", "members")}}
+    out["pipeline"] = run_pipeline(name, seed, minutes * 60, os.path.join(OUT, "runs", tag), run_name=variant)
+    harness.save_json(os.path.join(OUT, variant, f"{tag}.json"), out)
+    p, before, b = out["pipeline"], out["before"], out["baseline"]
+    print(f"{tag} {variant}: pipeline {p.get('accuracy', float('nan')):.4f} (before {before['accuracy']:.4f}), "
+          f"alternative {b.get('accuracy', float('nan')):.4f}", flush=True)
     return out
 
 
@@ -228,13 +286,27 @@ def main() -> None:
         ap.add_argument("--start", type=float, required=True, help="when the parent started the clock (epoch s)")
         ap.add_argument("--no-tta", action="store_true")
         return baseline(ap.parse_args(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "length":
+        ap = argparse.ArgumentParser(prog="time_budget.py length", description=length.__doc__.splitlines()[0])
+        ap.add_argument("--cell", required=True, help="a saved cell's run, e.g. animals-s0-12m")
+        ap.add_argument("--candidate", required=True, help="a candidate of its pipeline run, e.g. cv-27fde63b")
+        ap.add_argument("--models", required=True, help="fold:epochs,... ('all' for every image), e.g. 0:33,all:132")
+        return length(ap.parse_args(sys.argv[2:]))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default="mnist,animals,photos")
     ap.add_argument("--budgets", default="3,6,12,24", help="minutes")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--redo", action="store_true", help="run cells that already have a result again")
+    ap.add_argument("--pipeline-only", metavar="VARIANT",
+                    help="run the pipeline side of saved cells again, as VARIANT, against their saved alternative")
     a = ap.parse_args()
+    if a.pipeline_only:
+        for seed in map(int, a.seeds.split(",")):
+            for minutes in map(float, a.budgets.split(",")):
+                for name in a.datasets.split(","):
+                    pipeline_again(name, seed, minutes, a.pipeline_only)
+        return
     if not a.report_only:
         k = 0
         for seed in map(int, a.seeds.split(",")):

@@ -5,6 +5,9 @@ Which configs: by default the ones that complement each other (``choose``:
 greedy ensemble selection on the trials' fold-0 holdout predictions), not the
 top M by their own score, which are near-copies that give the ensemble
 nothing to pick from; ``by="score"`` keeps the top-M rule for comparison.
+Under a time budget the task's default recipe goes first (``anchor``): the
+final models train longer than the search did, and the search's few epochs
+cannot rank a recipe that starts slowly.
 
 Only trials that ran their whole schedule are cross-fitted, each at that
 schedule's length, so every fold trains exactly the recipe whose fold-0 score

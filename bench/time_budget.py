@@ -30,6 +30,24 @@ SIZES = "32,48"   # the images are 25-40 px
 OUT = os.path.join(harness.RESULTS, "time_budget")
 
 
+def test_images(test, config: dict, ctx):
+    """The test images at ``config``'s size and resize mode, from the node cache."""
+    from trainer.cache import cached_images
+    return cached_images(test["path"].tolist(), ctx.test_key, config["image_size"], config["resize_mode"],
+                         ctx.cache_dir)
+
+
+def trained_probs(config: dict, ctx, fold: int | None, epochs: int, images):
+    """``config`` trained on a fold's training images (None: on all of them) for ``epochs``; its test
+    probabilities, with the run's TTA."""
+    from trainer.fit import Run
+    from trainer.inference import predict_probs
+    run = Run(config, ctx, fold=fold, epochs=epochs)
+    for _ in range(epochs):
+        run.train_epoch()
+    return predict_probs(run.model, images, tta=ctx.tta)
+
+
 # --- the simplest alternative ------------------------------------------------------------
 
 def baseline(a) -> None:
@@ -44,9 +62,7 @@ def baseline(a) -> None:
     from searchspace.api import prepare_search
     from searchspace.config import SearchConfig
     from searchspace.tuner import first_config
-    from trainer.cache import cached_images
     from trainer.fit import Run
-    from trainer.inference import predict_probs
 
     deadline = a.start + a.budget
     config = SearchConfig.from_kwargs(storage=a.work, name="baseline", archs=a.arch, image_sizes=SIZES,
@@ -57,8 +73,7 @@ def baseline(a) -> None:
         p = prepare_search(a.task, a.data, config)
     recipe = first_config(p.task, p.archs, p.ctx)
     test = p.experiment.test()
-    images = cached_images(test["path"].tolist(), p.ctx.test_key, recipe["image_size"], recipe["resize_mode"],
-                           p.ctx.cache_dir)
+    images = test_images(test, recipe, p.ctx)
     # two epochs of a throw-away model: the second, warmed up (loader workers, kernels), says how many fit
     probe = Run(recipe, p.ctx, fold=None, epochs=2)
     probe.train_epoch()
@@ -68,10 +83,7 @@ def baseline(a) -> None:
     epoch_s = t1 - t0
     left = deadline - t1 - 2 * epoch_s * len(test) / max(1, len(p.experiment.folds()))   # the test predictions
     epochs = max(1, int(left * 0.97 / epoch_s))
-    run = Run(recipe, p.ctx, fold=None, epochs=epochs)
-    for _ in range(epochs):
-        run.train_epoch()
-    probs = predict_probs(run.model, images, tta=p.ctx.tta)
+    probs = trained_probs(recipe, p.ctx, None, epochs, images)
     write_parquet(a.out, probs_table(test["sample_id"], probs))
     with open(a.out + ".json", "w") as f:
         json.dump(dict(epochs=epochs, epoch_s=epoch_s, recipe={k: recipe[k] for k in ("arch", "image_size", "lr")},
@@ -89,9 +101,6 @@ def length(a) -> None:
     from dataclasses import replace
 
     from core.experiment import Experiment, TrialContext
-    from trainer.cache import cached_images
-    from trainer.fit import Run
-    from trainer.inference import predict_probs
 
     name = a.cell.split("-s")[0]
     exp = Experiment(os.path.join(OUT, "runs", a.cell, "pipeline"))
@@ -101,18 +110,15 @@ def length(a) -> None:
     test = exp.test()
     order = test["sample_id"].tolist()
     y = harness.labels(harness.dataset(name), meta["class_names"], order)
-    images = cached_images(test["path"].tolist(), ctx.test_key, config["image_size"], config["resize_mode"],
-                           ctx.cache_dir)
+    images = test_images(test, config, ctx)
     out = os.path.join(OUT, "length", f"{a.cell}-{a.candidate}.json")
     rows = json.load(open(out)) if os.path.exists(out) else []
     for model in a.models.split(","):
         fold, epochs = model.split(":")
         t = time.time()
-        run = Run(config, ctx, fold=None if fold == "all" else int(fold), epochs=int(epochs))
-        for _ in range(int(epochs)):
-            run.train_epoch()
+        probs = trained_probs(config, ctx, None if fold == "all" else int(fold), int(epochs), images)
         row = dict(fold=fold, epochs=int(epochs), arch=config["arch"], image_size=config["image_size"],
-                   **harness.scores(y, predict_probs(run.model, images, tta=ctx.tta).astype("float64")),
+                   **harness.scores(y, probs.astype("float64")),
                    seconds=round(time.time() - t, 1))
         print(json.dumps(row), flush=True)
         rows = [r for r in rows if (r["fold"], r["epochs"]) != (fold, int(epochs))] + [row]

@@ -26,9 +26,8 @@ DIST = "tests/test_distributed.py::"
 FAULTS = {   # the fault -> the test that injects it and checks what survives
     "lost_node": DIST + "test_a_lost_node_s_trial_continues_elsewhere_from_its_checkpoint",
     "killed_worker": DIST + "test_a_killed_worker_s_trial_continues_from_its_checkpoint",
-    "killed_driver_resume": DIST + "test_a_killed_driver_resumes_without_rerunning_finished_trials",
-    "killed_at_checkpoint_write": DIST + "test_a_trial_whose_checkpoint_was_replaced_at_the_kill_starts_again",
-    "killed_budgeted_search": DIST + "test_a_budgeted_search_killed_and_resumed_goes_on_with_the_rest_of_its_budget",
+    "killed_driver_resume": DIST + "test_a_killed_driver_resumes_without_rerunning_finished_or_failed_trials",
+    "killed_budgeted_search": DIST + "test_a_killed_budgeted_search_resumes_its_clock_and_restarts_lost_trials",
     "failing_trial": DIST + "test_a_config_that_always_fails_is_recorded_and_the_search_completes",
     "killed_cache_build": "tests/trainer/test_cache.py::test_a_build_killed_half_way_resumes_and_equals_a_clean_build",
     "interrupted_crossfit": "tests/searchspace/test_crossfit.py::test_crossfit_only_finishes_an_interrupted_crossfit",

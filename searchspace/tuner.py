@@ -6,7 +6,9 @@ candidate per trial (its final epoch's holdout predictions).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 import time
 
@@ -183,6 +185,20 @@ def checkpoint_uri(experiment: Experiment, path_in_fs: str) -> str:
     return experiment.file(path_in_fs[len(root):]) if path_in_fs.startswith(root) else path_in_fs
 
 
+def trial_config(result) -> dict:
+    """A trial's config: from its last result, else from the params.json Tune wrote in its folder.
+
+    A trial that had failed before a ``--resume`` comes back from Tune's stored state with a last
+    result that holds no config; its row in trials.parquet would lose its architecture and settings.
+    """
+    if result.config:
+        return result.config
+    with contextlib.suppress(OSError, ValueError):
+        with result.filesystem.open_input_stream(f"{result.path}/params.json") as f:
+            return json.loads(f.read())
+    return {}
+
+
 def collect(results, metric: str, experiment: Experiment, max_epochs: int,
             reasons: dict[str, str] | None = None) -> pd.DataFrame:
     """trials.parquet and candidates/<trial_id>/ from a ResultGrid.
@@ -201,7 +217,7 @@ def collect(results, metric: str, experiment: Experiment, max_epochs: int,
     mode = METRICS[metric].mode
     rows = []
     for result in results:
-        config = {k: v for k, v in (result.config or {}).items() if not k.startswith("image_size_")}
+        config = {k: v for k, v in trial_config(result).items() if not k.startswith("image_size_")}
         history = result.metrics_dataframe
         row = {"trial_id": (result.metrics or {}).get("trial_id") or os.path.basename(result.path), **config,
                "metric": metric, "score": None, "best_score": None, "best_epoch": None, "epochs_run": 0,

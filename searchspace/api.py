@@ -98,7 +98,7 @@ def run_search(task_name: str, data: str | None, config: SearchConfig) -> tuple[
     clock.save(phase="search", search_until_s=split.search_until_s if split else None)
     launched = members.launch(record_members(p), p.ctx, p.config.resources)   # beside the search
     start = time.time()
-    deadline = Deadline(p.experiment.location, split.search_until_s, first_result=True) if split else None
+    deadline = Deadline(p.experiment.location, split.search_until_s, first_checkpoint=True) if split else None
     tuner = build_tuner(p.task, p.ctx, p.config, p.archs, p.cache_dir, deadline, forecast(p, clock, split))
     results = tuner.fit()
     ended = split is not None and clock.used() >= split.search_until_s - 1

@@ -28,10 +28,13 @@ class Forecast:
     final_s: object                    # seconds per epoch -> the final stage's estimated seconds
     after_s: float = 0.0               # after the final stage: the reserve (selection)
 
-    def line(self, trials: list, finished: set[str]) -> str | None:
+    def line(self, trials: list, finished: set[str], latest: dict | None = None) -> str | None:
+        """``latest``: {trial id: its newest result}, where Tune has not made it the trial's last_result yet
+        (a callback's on_trial_result comes first: without it, a search whose first epoch is also its last
+        one, on a loaded machine, never showed an estimate)."""
         epochs, seconds, done_epochs = 0, 0.0, []
         for t in trials:
-            r = t.last_result or {}
+            r = (latest or {}).get(t.trial_id) or t.last_result or {}
             if r.get("epoch") and r.get("time_total_s"):
                 epochs += int(r["epoch"])
                 seconds += float(r["time_total_s"])
@@ -44,7 +47,8 @@ class Forecast:
         if self.trials is not None:
             per_trial = sum(done_epochs) / len(done_epochs) if done_epochs else None
             if per_trial is not None:
-                running = [int((t.last_result or {}).get("epoch", 0)) for t in trials if t.trial_id not in finished]
+                running = [int(((latest or {}).get(t.trial_id) or t.last_result or {}).get("epoch", 0))
+                       for t in trials if t.trial_id not in finished]
                 to_go = max(0.0, (self.trials - len(finished)) * per_trial - sum(running))
                 search_left = to_go * epoch_s / max(1, self.slots)
         if self.search_until_s is not None:
@@ -67,11 +71,13 @@ class Progress(Callback):
         self.best: tuple[float, str] | None = None
         self.early: set[str] = set()
         self.finished: set[str] = set()
+        self.latest: dict[str, dict] = {}   # trial id -> its newest result
 
     def _better(self, value: float) -> bool:
         return self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.latest[trial.trial_id] = {k: result.get(k) for k in ("epoch", "time_total_s")}
         value = result.get(self.metric)
         if value is not None and self._better(value):
             cfg = trial.config
@@ -104,7 +110,7 @@ class Progress(Callback):
         best = f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else "no result yet"
         running = sum(t.status == "RUNNING" and t.trial_id not in self.finished for t in trials)
         total = f"/{self.total}" if self.total is not None else ""
-        eta = self.forecast.line(trials, self.finished) if self.forecast and self.best else None
+        eta = self.forecast.line(trials, self.finished, self.latest) if self.forecast and self.best else None
         print(f"[{time.time() - self.start:5.0f}s] {running} running, {done}{total} finished "
               f"({len(self.early)} stopped early), {status.count('ERROR')} failed | {best}"
               + (f" | {eta}" if eta else ""), flush=True)

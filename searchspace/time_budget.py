@@ -27,6 +27,7 @@ import math
 import time
 from dataclasses import dataclass
 
+from ray.tune.callback import Callback
 from ray.tune.stopper import Stopper
 
 from core.errors import BadInput
@@ -105,30 +106,36 @@ class Clock:
         self.saved = time.time()
 
 
-class Deadline(Stopper):
+class Deadline(Stopper, Callback):
     """A Ray Tune stopper: stops every trial once the job's clock reaches ``until_s`` (job seconds).
 
     Ray pickles it with the experiment; a resumed search finds this process's
     clock of the experiment (``Clock.of``), so the deadline counts on where the
-    killed session left off. A trial it stops keeps its last checkpoint.
+    killed session left off. A trial it stops keeps its last registered checkpoint.
+    It is also a Tune callback (``callbacks=[deadline]``), to hear of registered checkpoints.
     """
 
-    first_result = reported = False   # (a deadline pickled by an older version has neither)
+    first_checkpoint = checkpointed = False   # (a deadline pickled by an older version has neither)
 
-    def __init__(self, location: str, until_s: float, unless=None, first_result: bool = False):
+    def __init__(self, location: str, until_s: float, unless=None, first_checkpoint: bool = False):
         """``unless()``: while it returns True the deadline waits (the final stage's first config is not
         complete yet: a job that ran over its budget still ends with a submission). Checked every few seconds.
-        ``first_result``: the deadline also waits until some trial has reported an epoch (the search: the
-        final stage needs a candidate), though never past the whole budget."""
-        self.location, self.until_s, self.unless, self.first_result = location, until_s, unless, first_result
+        ``first_checkpoint``: the deadline also waits until Tune has registered some trial's checkpoint (the
+        search: the final stage needs a candidate), though never past the whole budget. A reported epoch is
+        not enough: Tune registers its checkpoint one round trip to the trial later, and a trial stopped in
+        between has none (on a loaded machine the search then ended with no candidate at all)."""
+        self.location, self.until_s, self.unless = location, until_s, unless
+        self.first_checkpoint = first_checkpoint
         self.reached = False
         self.overrun = False
-        self.reported = False
+        self.checkpointed = False
         self._checked, self._waiting = 0.0, False
 
     def __call__(self, trial_id, result) -> bool:
-        self.reported = True
         return False
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        self.checkpointed = True
 
     def stop_all(self) -> bool:
         clock = Clock.of(self.location)
@@ -138,7 +145,8 @@ class Deadline(Stopper):
             clock.save()
         if self.reached or clock.used() < self.until_s:
             return self.reached
-        if self.first_result and not self.reported and (clock.budget_s is None or clock.used() < clock.budget_s):
+        waiting = self.first_checkpoint and not self.checkpointed
+        if waiting and (clock.budget_s is None or clock.used() < clock.budget_s):
             self.overrun = True
             return False
         if self.unless is not None:

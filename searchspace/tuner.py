@@ -130,7 +130,8 @@ def build_tuner(task: Task, ctx: TrialContext, config: SearchConfig, archs: dict
     newer, smaller ones.
 
     ``deadline`` (``time_budget.Deadline``) stops the search when its share of
-    the time budget ends; ``forecast`` gives the progress line its estimates.
+    the time budget ends (it hears of registered checkpoints as a callback);
+    ``forecast`` gives the progress line its estimates.
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -175,7 +176,7 @@ def build_tuner(task: Task, ctx: TrialContext, config: SearchConfig, archs: dict
             # final checkpoint is fold 0 of its cross-fit. KeepLatest deletes the older ones, not
             # Ray (num_to_keep would make Ray snapshot every trial at every checkpoint).
             callbacks=[Progress(metric, mode, b.max_epochs, None if b.trials == UNLIMITED_TRIALS else b.trials,
-                                forecast=forecast), KeepLatest()],
+                                forecast=forecast), KeepLatest()] + ([deadline] if deadline is not None else []),
             stop=deadline, failure_config=tune.FailureConfig(max_failures=res.max_failures)))
 
 

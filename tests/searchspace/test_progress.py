@@ -183,3 +183,23 @@ def test_every_s_zero_prints_every_result(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert len(lines) == 2
     assert "best accuracy 0.2000" in lines[1]
+
+
+# --- the estimate ----------------------------------------------------------------
+
+def test_the_line_printed_on_the_first_epoch_already_shows_the_estimate(capsys, tmp_path):
+    # Tune calls the callbacks before it makes the result the trial's last_result; a search whose
+    # first epoch was also its last (a loaded machine, a short share of the budget) showed no estimate.
+    import time
+
+    from searchspace.progress import Forecast
+    from searchspace.time_budget import Clock
+
+    clock = Clock.start(str(tmp_path / "exp"), 100, started=time.time() - 10)
+    forecast = Forecast(clock, slots=1, trials=None, search_until_s=40, final_s=lambda epoch_s: 10 * epoch_s,
+                        after_s=5)
+    trials = [trial("a")]
+    progress = Progress("accuracy", "max", max_epochs=3, total=None, every_s=0, forecast=forecast)
+    report(progress, trials, trials[0], accuracy=0.5, epoch=1, time_total_s=2.0)
+    line = summary(capsys.readouterr().out)
+    assert "search ends ~" in line and "(in 30s)" in line, line

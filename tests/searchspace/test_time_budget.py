@@ -149,15 +149,17 @@ def test_a_deadline_waits_for_what_must_finish(tmp_path):
     assert deadline.stop_all() and deadline.reached
 
 
-def test_the_search_s_deadline_waits_for_a_first_result_but_not_past_the_budget(tmp_path):
+def test_the_search_s_deadline_waits_for_a_registered_checkpoint_but_not_past_the_budget(tmp_path):
     location = str(tmp_path / "exp")
     clock = tb.Clock.start(location, 100, started=time.time() - 50)
-    deadline = tb.Deadline(location, 40, first_result=True)
+    deadline = tb.Deadline(location, 40, first_checkpoint=True)
     assert not deadline.stop_all() and deadline.overrun     # past its second, but no trial has reported yet
-    deadline("t1", {"training_iteration": 1})
+    assert deadline("t1", {"training_iteration": 1}) is False
+    assert not deadline.stop_all()                          # reported, but Tune has not registered its checkpoint
+    deadline.on_checkpoint(1, [], None, None)
     assert deadline.stop_all() and deadline.reached
-    clock.used_before = 60                                  # 110 s of a 100 s budget, and still no result
-    assert tb.Deadline(location, 40, first_result=True).stop_all()
+    clock.used_before = 60                                  # 110 s of a 100 s budget, and still no checkpoint
+    assert tb.Deadline(location, 40, first_checkpoint=True).stop_all()
 
 
 def test_a_deadline_stops_at_its_second_of_the_job_clock(tmp_path):
@@ -203,7 +205,8 @@ def test_a_budgeted_run_falls_back_to_the_small_space_ends_within_its_budget_wit
     assert ("time budget 1m40s: one final config of the paddy task's own architectures needs at least "
             "--time-budget ") in text, text
     assert f"searching the small space that fits instead: {', '.join(fallback)} at 32-48 px" in text
-    assert text.index("searching the small space") < text.index("used by the data check") < text.index("search ends ~")
+    order = [text.find(said) for said in ("searching the small space", "used by the data check", "search ends ~")]
+    assert -1 not in order and order == sorted(order), text
     exp = Experiment(str(tmp_path / "runs" / "tb"))
     clock = exp.clock()
     assert clock["budget_s"] == 100 and clock["used_s"] <= 100 + MARGIN_S and clock["state"]["phase"] == "done"

@@ -32,9 +32,10 @@ class Forecast:
         """``latest``: {trial id: its newest result}, where Tune has not made it the trial's last_result yet
         (a callback's on_trial_result comes first: without it, a search whose first epoch is also its last
         one, on a loaded machine, never showed an estimate)."""
+        newest = {t.trial_id: (latest or {}).get(t.trial_id) or t.last_result or {} for t in trials}
         epochs, seconds, done_epochs = 0, 0.0, []
         for t in trials:
-            r = (latest or {}).get(t.trial_id) or t.last_result or {}
+            r = newest[t.trial_id]
             if r.get("epoch") and r.get("time_total_s"):
                 epochs += int(r["epoch"])
                 seconds += float(r["time_total_s"])
@@ -47,8 +48,7 @@ class Forecast:
         if self.trials is not None:
             per_trial = sum(done_epochs) / len(done_epochs) if done_epochs else None
             if per_trial is not None:
-                running = [int(((latest or {}).get(t.trial_id) or t.last_result or {}).get("epoch", 0))
-                       for t in trials if t.trial_id not in finished]
+                running = [int(r.get("epoch", 0)) for tid, r in newest.items() if tid not in finished]
                 to_go = max(0.0, (self.trials - len(finished)) * per_trial - sum(running))
                 search_left = to_go * epoch_s / max(1, self.slots)
         if self.search_until_s is not None:

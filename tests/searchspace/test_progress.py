@@ -203,3 +203,18 @@ def test_the_line_printed_on_the_first_epoch_already_shows_the_estimate(capsys, 
     report(progress, trials, trials[0], accuracy=0.5, epoch=1, time_total_s=2.0)
     line = summary(capsys.readouterr().out)
     assert "search ends ~" in line and "(in 30s)" in line, line
+
+
+def test_without_a_budget_the_search_ends_when_the_remaining_trials_have_run(tmp_path):
+    # 4 trials; "a" finished after 3 epochs, "b" is at its first: 3 x 3 - 1 = 8 epochs to go, 2 s each, 1 slot
+    import time
+
+    from searchspace.progress import Forecast
+    from searchspace.time_budget import Clock
+
+    clock = Clock.start(str(tmp_path / "exp"), None, started=time.time() - 10)
+    forecast = Forecast(clock, slots=1, trials=4, search_until_s=None, final_s=lambda epoch_s: 0)
+    a, b = trial("a"), trial("b")
+    a.update_last_result({"epoch": 3, "time_total_s": 6.0})
+    line = forecast.line([a, b], {"a"}, {"b": {"epoch": 1, "time_total_s": 2.0}})
+    assert line is not None and "(in 16s)" in line, line

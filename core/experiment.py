@@ -45,6 +45,7 @@ from core.errors import BadInput
 DEFAULT_RUNS = "runs"
 STUDY_FILE = "optuna_journal.log"
 TRIALS_FILE = "trials.parquet"
+TUNE_SPARE_FILE = "tune_state_spare.zip"   # the search's newest whole Tune snapshot (searchspace.searcher)
 # Inside a checkpoint folder (Ray's, or a fold record).
 MODEL_FILE, CONFIG_FILE, HOLDOUT_FILE, TRAIN_STATE_FILE = "model.pt", "config.json", "holdout.parquet", "train_state.pt"
 STUDENT_PREFIX = "student-"   # candidates/student-<arch>-<size>/: a distilled student (never a selection input)
@@ -294,6 +295,10 @@ class Experiment:
     @property
     def study_file(self) -> str:
         return self.file(STUDY_FILE)
+
+    @property
+    def tune_spare_file(self) -> str:
+        return self.file(TUNE_SPARE_FILE)
 
     def ensemble_file(self, name: str = "ensemble.json") -> str:
         return self.file("ensemble", name)

@@ -9,6 +9,7 @@ from core.experiment import Experiment, TrialContext
 from searchspace.config import SearchConfig
 from searchspace.finish import final_stage
 from searchspace.ray_start import start_ray
+from searchspace.searcher import restore_spare
 from searchspace.time_budget import Clock, clock_text
 from searchspace.tuner import finish_search, trainable
 
@@ -40,6 +41,10 @@ def resume(experiment: Experiment, task_name: str, config: SearchConfig, cache_d
     if not tune.Tuner.can_restore(root, storage_filesystem=fs):
         raise BadInput(f"{experiment.location}: the search never started (no Ray Tune state); "
                        "start it again without --resume")
+    repaired = restore_spare(experiment)
+    if repaired:
+        print(f"{experiment.location}: Tune's snapshot in storage was cut by the kill ({', '.join(repaired)}); "
+              "put back from its whole copy", flush=True)
     start_ray()
     print(f"resuming {experiment.location}", flush=True)
     start = time.time()

@@ -1,4 +1,4 @@
-"""Ray's OptunaSearch, telling the study what Tune really did with each trial.
+"""Ray's OptunaSearch, telling the study what Tune really did with each trial; and Tune's snapshot, kept whole.
 
 Ray's ``OptunaSearch.on_trial_complete`` tells the study COMPLETE, with the
 last reported value, for a trial that the scheduler (ASHA) stopped. TPE then
@@ -14,11 +14,18 @@ so that what Tune did and what the study holds can be matched afterwards
 """
 from __future__ import annotations
 
+import io
 import logging
+import os
+import zipfile
 
 from optuna.trial import TrialState
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search.search_generator import SearchGenerator
+
+from core import storage
+from core.experiment import Experiment
 
 logger = logging.getLogger(__name__)
 
@@ -74,3 +81,59 @@ class TruthfulOptunaSearch(OptunaSearch):
         except Exception as exc:  # as Ray does: never let the study break the run
             logger.warning(exc)
         self._completed_trials.add(trial_id)
+
+
+# --- Tune's snapshot, kept whole ----------------------------------------------------------
+
+def snapshot_names(session_str: str) -> list[str]:
+    """The files of one Tune snapshot in the driver's staging folder (TuneController.save_to_dir)."""
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.search.searcher import Searcher
+    return [TuneController.CKPT_FILE_TMPL.format(session_str), SearchGenerator.CKPT_FILE_TMPL.format(session_str),
+            Searcher.CKPT_FILE_TMPL.format(session_str)]
+
+
+class SparedSearchGenerator(SearchGenerator):
+    """Ray's ``SearchGenerator`` that also keeps each snapshot of the search whole, in one file.
+
+    Tune writes a snapshot (the trials, the search's counter and the sampler's
+    state) in a local staging folder, then copies it to the storage file by
+    file with plain writes. A driver killed during that copy leaves a cut
+    file; ``Tuner.restore`` then fails to load it and starts the whole search
+    again ("Restarting experiment"), and nothing names the trials that ran.
+    This generator is saved last, after the snapshot's other files are
+    complete and before the copy starts: it writes them together into
+    ``spare`` (a zip, written then moved, so never cut), and ``restore_spare``
+    puts them back before a ``--resume``. ``spare`` is None where the storage
+    is a bucket: an object store commits each file whole.
+    """
+
+    def __init__(self, searcher, spare: str | None):
+        super().__init__(searcher)
+        self.spare = spare
+
+    def save_to_dir(self, dirpath: str, session_str: str):
+        super().save_to_dir(dirpath, session_str)
+        if self.spare is None:
+            return
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as z:
+            for name in snapshot_names(session_str):
+                if os.path.exists(os.path.join(dirpath, name)):
+                    z.write(os.path.join(dirpath, name), name)
+        storage.write_bytes(self.spare, buffer.getvalue())
+
+
+def restore_spare(experiment: Experiment) -> list[str]:
+    """Put the newest whole snapshot back over the storage's copy (before ``Tuner.restore``); the files that
+    differed, which a kill during Tune's copy had cut (or not yet written)."""
+    if storage.is_uri(experiment.location) or not storage.exists(experiment.tune_spare_file):
+        return []
+    repaired = []
+    with zipfile.ZipFile(io.BytesIO(storage.read_bytes(experiment.tune_spare_file))) as z:
+        for name in z.namelist():
+            data, there = z.read(name), experiment.file(name)
+            if not storage.exists(there) or storage.read_bytes(there) != data:
+                storage.write_bytes(there, data)
+                repaired.append(name)
+    return repaired

@@ -138,7 +138,7 @@ def build_tuner(task: Task, ctx: TrialContext, config: SearchConfig, archs: dict
     from ray.tune.search import ConcurrencyLimiter
 
     from searchspace.progress import Progress
-    from searchspace.searcher import TruthfulOptunaSearch
+    from searchspace.searcher import SparedSearchGenerator, TruthfulOptunaSearch
     from searchspace.storage_policy import KeepLatest
 
     b, res, opts = config.budget, config.resources, config.options
@@ -163,6 +163,9 @@ def build_tuner(task: Task, ctx: TrialContext, config: SearchConfig, archs: dict
     # The limiter also sets how many trials Tune samples ahead; without it
     # Tune keeps one pending trial and a second slot idles while actors start.
     searcher = ConcurrencyLimiter(searcher, max_concurrent=res.max_concurrent or concurrency(res))
+    # Each snapshot of the search is also kept whole, so that a kill during Tune's copy cannot cut it.
+    searcher = SparedSearchGenerator(searcher, None if storage.is_uri(experiment.location)
+                                     else experiment.tune_spare_file)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=b.max_epochs,
                               grace_period=b.grace_period, reduction_factor=b.reduction_factor)
     return tune.Tuner(

@@ -47,6 +47,7 @@ from helpers import make_paddy, without_session_ray, write_weights
 from ray.cluster_utils import Cluster
 
 from core.experiment import Experiment
+from searchspace.searcher import restore_spare
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -487,7 +488,10 @@ def _kill_mid_search(tmp_path: Path, ray_tmp: str, argv: list[str], max_epochs: 
     assert _processes_with(marker) == [], "processes of the killed driver are still running"
     assert not (experiment / "trials.parquet").exists()
 
-    # The storage as the killed run left it (nothing writes to it any more)
+    # What --resume restores (nothing writes to the storage any more): Tune's newest whole snapshot, which
+    # searchspace.searcher keeps beside Tune's copy and puts back; a kill during that copy leaves the copy
+    # older than it, or cut
+    restore_spare(Experiment(str(experiment)))
     state = _tune_state(experiment)
     done, mid = finished_and_running(state)
     assert done and mid, state
@@ -547,10 +551,17 @@ def test_a_killed_driver_resumes_without_rerunning_finished_or_failed_trials(tmp
                     {p.relative_to(before[t]).as_posix(): p.stat().st_mtime_ns
                      for p in before[t].glob("checkpoint_*/*")}) for t in done}
 
+    # The kill as it can come during Tune's copy of its snapshot to the storage: every file of it cut
+    snapshot = [max(experiment.glob(pattern)) for pattern in
+                ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")]
+    for path in snapshot:
+        path.write_bytes(b"")
     with open(log, "a") as f:
         f.write("\n=== resume ===\n")
     _resume(argv, log, tmp_path, env)
-    assert "resuming" in log.read_text()
+    resumed = log.read_text().split("=== resume ===")[1]
+    assert "resuming" in resumed and "Restarting experiment" not in resumed, tail(log)
+    assert f"cut by the kill ({', '.join(p.name for p in snapshot)})" in resumed, tail(log)
 
     trials = pd.read_parquet(experiment / "trials.parquet")
     assert len(trials) == n_trials and trials["trial_id"].is_unique, trials["trial_id"].tolist()

@@ -100,3 +100,35 @@ def test_late_calls_for_a_finished_trial_change_nothing(tmp_path):
     searcher.on_trial_complete("t", {"accuracy": 0.1, "training_iteration": 1})
     (trial,) = searcher._ot_study.get_trials(deepcopy=False)
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 0.6
+
+
+def test_a_cut_tune_snapshot_is_put_back_whole_from_its_spare(tmp_path):
+    """Tune writes a snapshot in its staging folder, then copies it to the storage with plain writes; a kill
+    during the copy cuts a file, and Tune's restore would start the search again. The generator keeps the
+    snapshot whole beside it (saved after Tune's own files, before the copy); restore_spare puts back what
+    differs and leaves a whole copy alone."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    from core.experiment import Experiment
+    from searchspace.searcher import SparedSearchGenerator, restore_spare, snapshot_names
+
+    experiment, staging = Experiment(str(tmp_path / "exp")), tmp_path / "staging"
+    staging.mkdir()
+    generator = SparedSearchGenerator(ConcurrencyLimiter(_searcher(tmp_path / "study.log"), max_concurrent=2),
+                                      experiment.tune_spare_file)
+    generator.searcher.suggest("t0")
+    names = snapshot_names("S1")
+    (staging / names[0]).write_text('{"trial_data": []}')   # Tune writes the trials first, then the search
+    generator.save_to_dir(str(staging), "S1")
+    (tmp_path / "exp").mkdir(exist_ok=True)
+    for name in names:   # Tune's copy to the storage
+        (tmp_path / "exp" / name).write_bytes((staging / name).read_bytes())
+    assert restore_spare(experiment) == []
+    (tmp_path / "exp" / names[1]).write_bytes(b"")   # cut during the copy
+    (tmp_path / "exp" / names[2]).unlink()           # not copied yet
+    assert restore_spare(experiment) == names[1:]
+    for name in names:
+        assert (tmp_path / "exp" / name).read_bytes() == (staging / name).read_bytes(), name
+    restored = SparedSearchGenerator(ConcurrencyLimiter(_searcher(tmp_path / "study.log"), max_concurrent=2), None)
+    restored.restore_from_dir(str(tmp_path / "exp"))
+    assert restored.searcher.live_trials == {"t0"}

@@ -22,6 +22,11 @@ def is_uri(location: str) -> bool:
     return "://" in location
 
 
+def is_local(location: str) -> bool:
+    """On this machine's file system (a path or ``file://``), where a plain write can be cut half way."""
+    return isinstance(resolve(location)[0], pafs.LocalFileSystem)
+
+
 def absolute(location: str) -> str:
     """Local paths become absolute (Ray and pyarrow both need that); URIs pass."""
     return location if is_uri(location) else os.path.abspath(os.path.expanduser(location))

@@ -105,7 +105,7 @@ class SparedSearchGenerator(SearchGenerator):
     complete and before the copy starts: it writes them together into
     ``spare`` (a zip, written then moved, so never cut), and ``restore_spare``
     puts them back before a ``--resume``. ``spare`` is None where the storage
-    is a bucket: an object store commits each file whole.
+    is a bucket (``storage.is_local``): an object store commits each file whole.
     """
 
     def __init__(self, searcher, spare: str | None):
@@ -127,7 +127,7 @@ class SparedSearchGenerator(SearchGenerator):
 def restore_spare(experiment: Experiment) -> list[str]:
     """Put the newest whole snapshot back over the storage's copy (before ``Tuner.restore``); the files that
     differed, which a kill during Tune's copy had cut (or not yet written)."""
-    if storage.is_uri(experiment.location) or not storage.exists(experiment.tune_spare_file):
+    if not storage.is_local(experiment.location) or not storage.exists(experiment.tune_spare_file):
         return []
     repaired = []
     with zipfile.ZipFile(io.BytesIO(storage.read_bytes(experiment.tune_spare_file))) as z:

@@ -164,8 +164,8 @@ def build_tuner(task: Task, ctx: TrialContext, config: SearchConfig, archs: dict
     # Tune keeps one pending trial and a second slot idles while actors start.
     searcher = ConcurrencyLimiter(searcher, max_concurrent=res.max_concurrent or concurrency(res))
     # Each snapshot of the search is also kept whole, so that a kill during Tune's copy cannot cut it.
-    searcher = SparedSearchGenerator(searcher, None if storage.is_uri(experiment.location)
-                                     else experiment.tune_spare_file)
+    searcher = SparedSearchGenerator(searcher, experiment.tune_spare_file if storage.is_local(experiment.location)
+                                     else None)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=b.max_epochs,
                               grace_period=b.grace_period, reduction_factor=b.reduction_factor)
     return tune.Tuner(

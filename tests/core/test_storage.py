@@ -29,6 +29,12 @@ def test_is_uri_only_for_a_scheme():
     assert not storage.is_uri("~/runs")
 
 
+def test_is_local_for_a_path_or_a_file_uri_not_a_bucket(tmp_path):
+    """Where a plain write can be cut half way (searchspace.searcher keeps Tune's snapshot whole there)."""
+    assert storage.is_local(str(tmp_path)) and storage.is_local(f"file://{tmp_path}")
+    assert not storage.is_local("s3://bucket/x?endpoint_override=127.0.0.1:1&scheme=http&region=us-east-1")
+
+
 def test_absolute_makes_a_relative_path_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert storage.absolute("runs/exp") == str(tmp_path / "runs" / "exp")

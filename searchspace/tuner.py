@@ -203,6 +203,16 @@ def trial_config(result) -> dict:
     return {}
 
 
+TIME_BUDGET = "time budget"   # a trial's stop_reason when the search's share of the budget ended it
+NOT_STARTED = "not started"   # ... and when it ended the search before the trial ran an epoch
+
+
+def tune_trials(results) -> list:
+    """Tune's trials of a ResultGrid, in its order: a trial the search ended before it started has no result
+    of its own to give its id and config. [] where the grid does not hold them (a private attribute of Ray's)."""
+    return list(getattr(getattr(results, "_experiment_analysis", None), "trials", None) or [])
+
+
 def collect(results, metric: str, experiment: Experiment, max_epochs: int,
             reasons: dict[str, str] | None = None) -> pd.DataFrame:
     """trials.parquet and candidates/<trial_id>/ from a ResultGrid.
@@ -214,16 +224,21 @@ def collect(results, metric: str, experiment: Experiment, max_epochs: int,
     ``completed``: the trial ran its whole schedule (ASHA did not stop it).
     ``stop_reason``: completed, asha, time budget (the search's share ended
     while it ran) or error, from ``reasons`` (the study's record) where it has
-    the trial. ``epoch_s``: its median seconds per epoch after the first (the
-    first also starts the actor), ``eval_s`` its holdout prediction's; the
-    final stage is planned from them.
+    the trial; not started (the search ended first: its config, no epochs).
+    ``epoch_s``: its median seconds per epoch after the first (the first also
+    starts the actor), ``eval_s`` its holdout prediction's; the final stage is
+    planned from them.
     """
     mode = METRICS[metric].mode
     rows = []
-    for result in results:
-        config = {k: v for k, v in trial_config(result).items() if not k.startswith("image_size_")}
+    tune_side = tune_trials(results)
+    for i, result in enumerate(results):
+        trial = tune_side[i] if len(tune_side) == len(results) else None
+        config = {k: v for k, v in (trial_config(result) or getattr(trial, "config", {})).items()
+                  if not k.startswith("image_size_")}
         history = result.metrics_dataframe
-        row = {"trial_id": (result.metrics or {}).get("trial_id") or os.path.basename(result.path), **config,
+        trial_id = (result.metrics or {}).get("trial_id") or getattr(trial, "trial_id", None)
+        row = {"trial_id": trial_id or os.path.basename(result.path), **config,
                "metric": metric, "score": None, "best_score": None, "best_epoch": None, "epochs_run": 0,
                "completed": False, "stopped_early": False, "seconds": (result.metrics or {}).get("time_total_s"),
                "status": "error" if result.error else "ok",
@@ -249,6 +264,8 @@ def collect(results, metric: str, experiment: Experiment, max_epochs: int,
                 row["first_epoch_s"] = float(times[0])
             if "eval_s" in history:
                 row["eval_s"] = float(history["eval_s"].median())
+        elif not result.error:
+            row["stop_reason"] = NOT_STARTED   # the search ended before it ran an epoch
         if result.checkpoint is not None and row["score"] is not None:
             uri = checkpoint_uri(experiment, result.checkpoint.path)
             row["checkpoint"] = uri
@@ -272,7 +289,6 @@ def leaderboard(trials: pd.DataFrame, metric: str, mode: str, top: int = 15) -> 
     return text
 
 
-TIME_BUDGET = "time budget"   # a trial's stop_reason when the search's share of the budget ended it
 
 
 def close_study(journal_file: str, budget_ended: bool = False) -> dict[str, str]:

@@ -172,6 +172,42 @@ def test_a_deadline_stops_at_its_second_of_the_job_clock(tmp_path):
     assert tb.Deadline(str(tmp_path / "no clock"), 0).stop_all() is False
 
 
+def test_a_trial_the_search_ended_before_it_started_keeps_its_id_and_config(tmp_path, ray_session):
+    """When the search's share of the budget ends, trials Tune had queued never run an epoch; trials.parquet
+    records each under its own id with its config, as not started (it had the folder's name and no config)."""
+    from ray import tune
+    from ray.tune.stopper import Stopper
+
+    from searchspace.tuner import NOT_STARTED, collect
+
+    class AfterTheFirstResult(Stopper):   # the search's deadline, reached at its first result
+        def __init__(self):
+            self.reached = False
+
+        def __call__(self, trial_id, result):
+            self.reached = True
+            return False
+
+        def stop_all(self):
+            return self.reached
+
+    def trainable(config):
+        tune.report({"accuracy": config["lr"], "epoch": 1})
+
+    # each trial takes both CPUs of the session's Ray: one runs, Tune queues the other two
+    grid = tune.Tuner(tune.with_resources(trainable, {"cpu": 2}),
+                      param_space={"lr": tune.grid_search([0.1, 0.2, 0.3]), "arch": "test_resnet"},
+                      run_config=tune.RunConfig(name="ended", storage_path=str(tmp_path), verbose=0,
+                                                stop=AfterTheFirstResult())).fit()
+    trials = collect(grid, "accuracy", Experiment(str(tmp_path / "exp")), max_epochs=1).set_index("trial_id")
+    assert len(trials) == 3 and trials.index.is_unique, trials
+    ran, queued = trials[trials["epochs_run"] == 1], trials[trials["stop_reason"] == NOT_STARTED]
+    assert len(ran) >= 1 and len(queued) >= 1 and len(ran) + len(queued) == 3, trials[["epochs_run", "stop_reason"]]
+    assert set(trials.index) == {t.trial_id for t in grid._experiment_analysis.trials}
+    assert (trials["arch"] == "test_resnet").all() and sorted(trials["lr"]) == [0.1, 0.2, 0.3], trials
+    assert queued["score"].isna().all() and (queued["status"] == "ok").all()
+
+
 # --- budgeted runs ------------------------------------------------------------------------
 
 SMALL = ("--archs", "test_resnet,test_efficientnet", "--image-sizes", "16", "--max-epochs", "3")
@@ -215,7 +251,7 @@ def test_a_budgeted_run_falls_back_to_the_small_space_ends_within_its_budget_wit
     assert text.index("time budget 1m40s: ") < text.index("search finished") < text.index("final stage planned:")
     # the search ran in the small space, which experiment.json records for a resumed job
     assert exp.meta()["options"]["archs"] == fallback
-    assert set(exp.trials()["arch"].dropna()) <= set(fallback)   # (a trial the deadline kept from starting has none)
+    assert set(exp.trials()["arch"]) <= set(fallback)   # a trial the deadline kept from starting too
     assert set(exp.meta()["context"]["weights"]) == set(fallback)
     # a submission, from the ensemble of what the final stage finished
     sub = pd.read_csv(exp.submission_file)

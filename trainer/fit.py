@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -249,6 +250,10 @@ class Run:
             self.optimizer.step()
         else:   # one NaN gradient would make every weight NaN for good: leave this batch out, count it
             self.skipped_steps += 1
+            with warnings.catch_warnings():   # the schedule keeps its length; torch would warn of the order
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
+                self.scheduler.step()
+            return float(loss.detach())
         self.scheduler.step()
         return float(loss.detach())
 

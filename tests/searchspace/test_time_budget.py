@@ -24,6 +24,7 @@ from searchspace import time_budget as tb
 from searchspace.crossfit import ANCHOR_REASON
 from searchspace.run import main
 from searchspace.tasks import get_task
+from searchspace.tuner import NOT_STARTED
 
 # --- the rules ---------------------------------------------------------------------------
 
@@ -178,7 +179,7 @@ def test_a_trial_the_search_ended_before_it_started_keeps_its_id_and_config(tmp_
     from ray import tune
     from ray.tune.stopper import Stopper
 
-    from searchspace.tuner import NOT_STARTED, collect
+    from searchspace.tuner import collect
 
     class AfterTheFirstResult(Stopper):   # the search's deadline, reached at its first result
         def __init__(self):
@@ -277,7 +278,8 @@ def test_a_budgeted_run_falls_back_to_the_small_space_ends_within_its_budget_wit
     first = trials.set_index("trial_id").loc[plan["configs"][0]]
     assert first["crossfit_reason"] == ANCHOR_REASON, trials[["trial_id", "crossfit_rank", "crossfit_reason"]]
     assert first["arch"] == next(iter(fallback)) and "1. " + plan["configs"][0] in text
-    assert set(trials["stop_reason"].dropna()) <= {"completed", "asha", "time budget", "error"}
+    assert set(trials["stop_reason"]) <= {"completed", "asha", "time budget", NOT_STARTED, "error"}, trials
+    assert (trials.loc[trials["stop_reason"] == NOT_STARTED, "epochs_run"] == 0).all()
 
 
 @pytest.mark.slow

@@ -189,14 +189,17 @@ def checkpoint_uri(experiment: Experiment, path_in_fs: str) -> str:
     return experiment.file(path_in_fs[len(root):]) if path_in_fs.startswith(root) else path_in_fs
 
 
-def trial_config(result) -> dict:
-    """A trial's config: from its last result, else from the params.json Tune wrote in its folder.
+def trial_config(result, trial=None) -> dict:
+    """A trial's config: from its last result, else from Tune's ``trial`` (one the search ended before it
+    started has no result), else from the params.json Tune wrote in its folder.
 
     A trial that had failed before a ``--resume`` comes back from Tune's stored state with a last
     result that holds no config; its row in trials.parquet would lose its architecture and settings.
     """
     if result.config:
         return result.config
+    if getattr(trial, "config", None):
+        return trial.config
     with contextlib.suppress(OSError, ValueError):
         with result.filesystem.open_input_stream(f"{result.path}/params.json") as f:
             return json.loads(f.read())
@@ -234,8 +237,7 @@ def collect(results, metric: str, experiment: Experiment, max_epochs: int,
     tune_side = tune_trials(results)
     for i, result in enumerate(results):
         trial = tune_side[i] if len(tune_side) == len(results) else None
-        config = {k: v for k, v in (trial_config(result) or getattr(trial, "config", {})).items()
-                  if not k.startswith("image_size_")}
+        config = {k: v for k, v in trial_config(result, trial).items() if not k.startswith("image_size_")}
         history = result.metrics_dataframe
         trial_id = (result.metrics or {}).get("trial_id") or getattr(trial, "trial_id", None)
         row = {"trial_id": trial_id or os.path.basename(result.path), **config,
@@ -287,8 +289,6 @@ def leaderboard(trials: pd.DataFrame, metric: str, mode: str, top: int = 15) -> 
     if len(failed):
         text += "\n" + "\n".join(f"failed {r.trial_id}: {r.error}" for r in failed.itertuples())
     return text
-
-
 
 
 def close_study(journal_file: str, budget_ended: bool = False) -> dict[str, str]:

@@ -47,7 +47,7 @@ from helpers import make_paddy, without_session_ray, write_weights
 from ray.cluster_utils import Cluster
 
 from core.experiment import Experiment
-from searchspace.searcher import restore_spare
+from searchspace.searcher import restore_spare, snapshot_names
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -552,8 +552,7 @@ def test_a_killed_driver_resumes_without_rerunning_finished_or_failed_trials(tmp
                      for p in before[t].glob("checkpoint_*/*")}) for t in done}
 
     # The kill as it can come during Tune's copy of its snapshot to the storage: every file of it cut
-    snapshot = [max(experiment.glob(pattern)) for pattern in
-                ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")]
+    snapshot = [max(experiment.glob(pattern)) for pattern in snapshot_names("*")]
     for path in snapshot:
         path.write_bytes(b"")
     with open(log, "a") as f:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from core import storage
-from core.experiment import Checkpoint, Experiment, TrialContext, open_journal, ranked
+from core.experiment import HOLDOUT_FILE, MODEL_FILE, Checkpoint, Experiment, TrialContext, open_journal, ranked
 from core.metrics import METRICS
 from searchspace.config import Resources, SearchConfig
 from searchspace.tasks import Task
@@ -208,6 +208,7 @@ def trial_config(result, trial=None) -> dict:
 
 TIME_BUDGET = "time budget"   # a trial's stop_reason when the search's share of the budget ended it
 NOT_STARTED = "not started"   # ... and when it ended the search before the trial ran an epoch
+CHECKPOINT_LOST = "checkpoint lost"   # its checkpoint went at a kill, and the search ended before it made another
 
 
 def tune_trials(results) -> list:
@@ -227,7 +228,9 @@ def collect(results, metric: str, experiment: Experiment, max_epochs: int,
     ``completed``: the trial ran its whole schedule (ASHA did not stop it).
     ``stop_reason``: completed, asha, time budget (the search's share ended
     while it ran) or error, from ``reasons`` (the study's record) where it has
-    the trial; not started (the search ended first: its config, no epochs).
+    the trial; not started (the search ended first: its config, no epochs);
+    checkpoint lost (a kill took the checkpoint its scores come from, and the
+    search ended before it made another: no checkpoint, no candidate).
     ``epoch_s``: its median seconds per epoch after the first (the first also
     starts the actor), ``eval_s`` its holdout prediction's; the final stage is
     planned from them.
@@ -270,9 +273,14 @@ def collect(results, metric: str, experiment: Experiment, max_epochs: int,
             row["stop_reason"] = NOT_STARTED   # the search ended before it ran an epoch
         if result.checkpoint is not None and row["score"] is not None:
             uri = checkpoint_uri(experiment, result.checkpoint.path)
-            row["checkpoint"] = uri
-            experiment.candidate(row["trial_id"]).write(
-                [dict(checkpoint=uri, fold=0)], Checkpoint(uri).holdout(), config)
+            if all(Checkpoint(uri).has(name) for name in (MODEL_FILE, HOLDOUT_FILE)):
+                row["checkpoint"] = uri
+                experiment.candidate(row["trial_id"]).write(
+                    [dict(checkpoint=uri, fold=0)], Checkpoint(uri).holdout(), config)
+            else:   # its scores stand; its model is gone, so it is no candidate and no cross-fit's starting point
+                row["stop_reason"] = CHECKPOINT_LOST
+                print(f"trial {row['trial_id']}: its checkpoint {uri} is gone (a kill took it) and the search "
+                      "ended before the trial made another; kept with its scores, without a candidate", flush=True)
         rows.append(row)
     trials = pd.DataFrame(rows)
     experiment.write_trials(trials)

@@ -646,13 +646,23 @@ def test_a_killed_budgeted_search_resumes_its_clock_and_restarts_lost_trials(tmp
     assert (experiment / "ensemble" / "submission.csv").exists()
     trials = pd.read_parquet(experiment / "trials.parquet").set_index("trial_id")
     assert set(done) <= set(trials.index) and set(mid) <= set(trials.index)
-    # A lost trial starts again under its own id, from epoch 1, and runs to the end
+    # A lost trial starts again under its own id, from epoch 1, and runs to the end. On a busy machine the
+    # search's share can end first (the resumed driver's start eats what was left of it): then the trial stops
+    # at the deadline, or, with no checkpoint made since, keeps its scores as "checkpoint lost", no candidate
     dirs = {trial_id(d): d for d in trial_dirs(experiment)}
     for t in mid:
+        row = trials.loc[t]
+        assert row["status"] == "ok", row
+        if row["stop_reason"] == "checkpoint lost":
+            assert f"trial {t}: its checkpoint" in text and "without a candidate" in text, text
+            assert pd.isna(row["checkpoint"]) and not Experiment(str(experiment)).candidate(t).exists(), row
+            continue
         assert f"trial {t}: its checkpoint" in text and "starting it again from its first epoch" in text, t
-        assert trials.loc[t, "status"] == "ok" and trials.loc[t, "epochs_run"] == max_epochs, trials.loc[t]
         epochs = [r["epoch"] for r in results(dirs[t])]
-        assert restarted_from_scratch(epochs) and epochs[-max_epochs:] == list(range(1, max_epochs + 1)), (t, epochs)
+        assert restarted_from_scratch(epochs), (t, epochs)
+        assert row["stop_reason"] in ("completed", "time budget"), row
+        if row["stop_reason"] == "completed":
+            assert row["epochs_run"] == max_epochs and epochs[-max_epochs:] == list(range(1, max_epochs + 1)), epochs
     # ... and the study, restored with the search, learns how each of them ended
     import optuna
     study = optuna.load_study(study_name="killed", storage=optuna.storages.JournalStorage(
@@ -660,7 +670,8 @@ def test_a_killed_budgeted_search_resumes_its_clock_and_restarts_lost_trials(tmp
     told = {}
     for ot in study.get_trials(deepcopy=False):
         told.setdefault(ot.user_attrs.get("tune_trial_id"), []).append(ot.state)
-    assert all(told.get(t) == [optuna.trial.TrialState.COMPLETE] for t in mid), told
+    assert all(told.get(t) == [optuna.trial.TrialState.COMPLETE] for t in mid
+               if trials.loc[t, "stop_reason"] == "completed"), told
     assert not any(optuna.trial.TrialState.RUNNING in states for states in told.values()), told
     deadline = time.time() + 30
     while _processes_with(marker) and time.time() < deadline:

@@ -209,6 +209,34 @@ def test_a_trial_the_search_ended_before_it_started_keeps_its_id_and_config(tmp_
     assert queued["score"].isna().all() and (queued["status"] == "ok").all()
 
 
+
+def test_a_trial_whose_checkpoint_a_kill_took_keeps_its_scores_without_a_candidate(tiny_experiment, tmp_path, capsys):
+    """A resumed search whose share ends before a lost trial (its checkpoint went at the kill) makes another
+    checkpoint: trials.parquet keeps the trial's scores as checkpoint lost, with no checkpoint and no candidate,
+    and the other trials are collected as before (it read the missing checkpoint and the job died)."""
+    import shutil
+
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    from searchspace.tuner import CHECKPOINT_LOST, collect
+
+    copy = tmp_path / "exp"
+    shutil.copytree(tiny_experiment.experiment, copy)
+    shutil.rmtree(copy / "candidates")
+    grid = ResultGrid(ExperimentAnalysis(str(copy)))
+    lost = grid[0]
+    shutil.rmtree(lost.checkpoint.path)
+    trials = collect(grid, "accuracy", Experiment(str(copy)), tiny_experiment.max_epochs).set_index("trial_id")
+    t = lost.metrics["trial_id"]
+    assert trials.loc[t, "stop_reason"] == CHECKPOINT_LOST and pd.isna(trials.loc[t, "checkpoint"]), trials.loc[t]
+    assert trials.loc[t, "score"] == lost.metrics["accuracy"] and trials.loc[t, "status"] == "ok"
+    assert f"trial {t}: its checkpoint" in capsys.readouterr().out
+    exp = Experiment(str(copy))
+    assert not exp.candidate(t).exists()
+    others = trials.drop(t)
+    assert len(others) == tiny_experiment.trials - 1 and others["checkpoint"].notna().all(), others
+    assert (others["stop_reason"] != CHECKPOINT_LOST).all() and all(exp.candidate(o).has_oof() for o in others.index)
+
 # --- budgeted runs ------------------------------------------------------------------------
 
 SMALL = ("--archs", "test_resnet,test_efficientnet", "--image-sizes", "16", "--max-epochs", "3")

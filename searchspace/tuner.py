@@ -273,10 +273,11 @@ def collect(results, metric: str, experiment: Experiment, max_epochs: int,
             row["stop_reason"] = NOT_STARTED   # the search ended before it ran an epoch
         if result.checkpoint is not None and row["score"] is not None:
             uri = checkpoint_uri(experiment, result.checkpoint.path)
-            if all(Checkpoint(uri).has(name) for name in (MODEL_FILE, HOLDOUT_FILE)):
+            checkpoint = Checkpoint(uri)
+            if checkpoint.has(MODEL_FILE) and checkpoint.has(HOLDOUT_FILE):
                 row["checkpoint"] = uri
                 experiment.candidate(row["trial_id"]).write(
-                    [dict(checkpoint=uri, fold=0)], Checkpoint(uri).holdout(), config)
+                    [dict(checkpoint=uri, fold=0)], checkpoint.holdout(), config)
             else:   # its scores stand; its model is gone, so it is no candidate and no cross-fit's starting point
                 row["stop_reason"] = CHECKPOINT_LOST
                 print(f"trial {row['trial_id']}: its checkpoint {uri} is gone (a kill took it) and the search "

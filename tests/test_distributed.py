@@ -48,6 +48,7 @@ from ray.cluster_utils import Cluster
 
 from core.experiment import Experiment
 from searchspace.searcher import restore_spare, snapshot_names
+from searchspace.tuner import CHECKPOINT_LOST, TIME_BUDGET
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -653,14 +654,14 @@ def test_a_killed_budgeted_search_resumes_its_clock_and_restarts_lost_trials(tmp
     for t in mid:
         row = trials.loc[t]
         assert row["status"] == "ok", row
-        if row["stop_reason"] == "checkpoint lost":
+        if row["stop_reason"] == CHECKPOINT_LOST:
             assert f"trial {t}: its checkpoint" in text and "without a candidate" in text, text
             assert pd.isna(row["checkpoint"]) and not Experiment(str(experiment)).candidate(t).exists(), row
             continue
         assert f"trial {t}: its checkpoint" in text and "starting it again from its first epoch" in text, t
         epochs = [r["epoch"] for r in results(dirs[t])]
         assert restarted_from_scratch(epochs), (t, epochs)
-        assert row["stop_reason"] in ("completed", "time budget"), row
+        assert row["stop_reason"] in ("completed", TIME_BUDGET), row
         if row["stop_reason"] == "completed":
             assert row["epochs_run"] == max_epochs and epochs[-max_epochs:] == list(range(1, max_epochs + 1)), epochs
     # ... and the study, restored with the search, learns how each of them ended

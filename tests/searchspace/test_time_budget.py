@@ -209,7 +209,6 @@ def test_a_trial_the_search_ended_before_it_started_keeps_its_id_and_config(tmp_
     assert queued["score"].isna().all() and (queued["status"] == "ok").all()
 
 
-
 def test_a_trial_whose_checkpoint_a_kill_took_keeps_its_scores_without_a_candidate(tiny_experiment, tmp_path, capsys):
     """A resumed search whose share ends before a lost trial (its checkpoint went at the kill) makes another
     checkpoint: trials.parquet keeps the trial's scores as checkpoint lost, with no checkpoint and no candidate,
@@ -236,6 +235,7 @@ def test_a_trial_whose_checkpoint_a_kill_took_keeps_its_scores_without_a_candida
     others = trials.drop(t)
     assert len(others) == tiny_experiment.trials - 1 and others["checkpoint"].notna().all(), others
     assert (others["stop_reason"] != CHECKPOINT_LOST).all() and all(exp.candidate(o).has_oof() for o in others.index)
+
 
 # --- budgeted runs ------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ def _spin() -> None:
 def run_once(node: str, log: str) -> dict:
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", node],
+        rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-n", "0", node],
                              cwd=harness.REPO, stdout=f, stderr=subprocess.STDOUT)
     text = open(log, errors="replace").read()
     first = next((line for line in text.splitlines() if line.startswith("E ")), "")

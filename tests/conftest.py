@@ -15,6 +15,8 @@ find the test folder instead of the package.
 - ``pytest_collection_modifyitems``: a test that uses a fixture in
   ``RAY_FIXTURES`` (it starts Ray or runs a search) is marked ``slow``, so
   ``pytest -m "not slow"`` starts no Ray.
+- ``pytest_runtest_protocol``: under pytest-xdist (``-n 2``, the default in
+  pyproject.toml), a test marked ``exclusive`` runs with no test beside it.
 - ``ray_session`` (session): ``ray.init`` with 2 CPUs and its temp dir inside
   the pytest tmp dir; shut down at the end.
 - ``weights_dir`` (session): a folder with ``test_resnet.pth`` (seed 0), so
@@ -43,7 +45,7 @@ import types
 from pathlib import Path
 
 import pytest
-from helpers import MOTO_CREDENTIALS, free_port, make_paddy, ray_temp_dir, write_weights
+from helpers import MOTO_CREDENTIALS, free_port, machine_share, make_paddy, ray_temp_dir, write_weights
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -81,6 +83,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+# --- two tests at a time, and a budgeted one alone ---------------------------------
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under pytest-xdist (pyproject's addopts: ``-n 2``), a test marked ``exclusive`` runs with no other
+    test beside it: its setup, call and teardown wait until the other worker's test ends, and the other
+    worker's next test waits for it. Those tests hold a job to its wall-clock budget, which a second search
+    on the same cores would spend. Without xdist every test runs alone anyway."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    folder = item.config._tmp_path_factory.getbasetemp().parent   # shared: each worker's basetemp is popen-gw<N>
+    with machine_share(folder, exclusive=item.get_closest_marker("exclusive") is not None):
+        yield
 
 
 # --- Ray ---------------------------------------------------------------------

@@ -26,6 +26,9 @@ two classes never produce identical files.
 - ``without_session_ray(tmp_path_factory)``: a block with no Ray connection in
   this process; an equivalent local Ray again after it (for tests that start
   their own Ray while conftest's ``ray_session`` may be up).
+- ``machine_share(folder, exclusive)``: a block that holds a readers-writer
+  lock shared by every process that uses the same folder (conftest's
+  ``exclusive`` tests under pytest-xdist).
 - ``free_port()``: a TCP port on 127.0.0.1 that nothing listened on a moment ago.
 - ``MOTO_CREDENTIALS``: moto's dummy AWS credentials (and no metadata lookups);
   ``uri(endpoint, bucket, key)``: an s3:// URI that pyarrow opens against
@@ -336,6 +339,27 @@ def without_session_ray(tmp_path_factory):
 
 
 # --- ports and S3 -------------------------------------------------------------
+
+@contextlib.contextmanager
+def machine_share(folder, exclusive: bool):
+    """A readers-writer lock over processes, on two files in ``folder``: many shared holders, or one exclusive.
+
+    Every holder passes a turnstile on its way to the machine lock. An exclusive holder keeps the turnstile
+    while it waits for the machine lock alone, so that no shared holder starts in the meantime (without it,
+    two shared holders taking turns could keep it waiting forever)."""
+    import fcntl
+
+    with open(Path(folder) / "turnstile.lock", "a") as turnstile, open(Path(folder) / "machine.lock", "a") as machine:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(machine, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(machine, fcntl.LOCK_UN)
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (bound, read, closed again)."""

@@ -616,6 +616,7 @@ def test_a_killed_driver_resumes_without_rerunning_finished_or_failed_trials(tmp
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive   # under xdist no second test shares its 150 s (conftest.py)
 def test_a_killed_budgeted_search_resumes_its_clock_and_restarts_lost_trials(tmp_path, ray_tmp):
     """The job's clock goes on across a kill and --resume. And a trial whose checkpoint was replaced at the
     kill starts again: Ray, keeping one checkpoint per trial, deletes the old one before its next snapshot of
@@ -693,7 +694,10 @@ def test_a_config_that_always_fails_is_recorded_and_the_search_completes(tmp_pat
     argv = ["paddy", "--data", str(data), "--storage", str(tmp_path / "runs"), "--name", "failing",
             "--archs", "test_resnet,test_convnext", "--image-sizes", "16", "--trials", "4", "--max-epochs", "1",
             "--folds", "2", "--crossfit-top", "1", "--max-failures", "1", "--cache-dir", str(tmp_path / "cache"),
-            "--weights-dir", str(weights), "--seed", "0"]
+            "--weights-dir", str(weights), "--seed", "0",
+            # the networks only: five classical members (probe and kNN on each architecture, pixels), each a
+            # Ray task that imports torch, would check nothing this test is about
+            "--members", "none"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = main(argv)

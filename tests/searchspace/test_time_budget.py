@@ -251,6 +251,7 @@ MARGIN_S = 20   # stated in the README: a budgeted run ends within its budget pl
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive   # under xdist no second test shares its 100 s (conftest.py)
 def test_a_budgeted_run_falls_back_to_the_small_space_ends_within_its_budget_with_a_submission_and_trains_the_plan(
         tmp_path, ray_session):
     # paddy's own space (convnext_small at 224 px first) cannot train one final config of 12 epochs on 2 folds

@@ -29,7 +29,7 @@ from core.errors import BadInput
 from core.experiment import Experiment, TrialContext, aligned, probs_array, probs_table, ranked
 from core.metrics import METRICS
 from searchspace.config import Resources
-from searchspace.time_budget import Clock, Cost, Deadline, at, clock_text, makespan, plan_final
+from searchspace.time_budget import SHORTER_FOR_BREADTH, Clock, Cost, Deadline, at, clock_text, makespan, plan_final
 from searchspace.tuner import concurrency, trainable
 
 # A config is eligible for the complementarity choice only when its fold-0
@@ -273,11 +273,16 @@ def crossfit(experiment: Experiment, res: Resources, top: int | None = None, tta
         p = plan_final(costs(trials, chosen["trial_id"].tolist(), len(index) // folds, n_test, ctx.tta),
                        until_s - clock.used(), folds, slots(res), meta["budget"]["max_epochs"], given)
         plan = p.as_dict()
+        order = chosen["trial_id"].tolist()
+        slow = [t for t in order[:order.index(p.configs[-1])] if t not in p.configs]
         chosen = chosen[chosen["trial_id"].isin(p.configs)]
         meta["final_plan"] = plan
         experiment.write_meta(meta)
         clock.save(phase="final stage", final_plan=plan)
         print(f"\nfinal stage planned: {p.describe()}", flush=True)
+        if slow:
+            print(f"  passed over for a later config: {', '.join(slow)} (too slow: beside it, every config would "
+                  f"train less than {SHORTER_FOR_BREADTH:.0%} of the first one's length)", flush=True)
         if p.epochs < p.searched_epochs:
             print(f"  (the search overran its share: the final models get {p.epochs} epochs, fewer than the "
                   f"{p.searched_epochs} it searched)", flush=True)

@@ -11,7 +11,8 @@ docs/design.md ("The time budget"); in short:
 - after the search, ``plan_final`` takes each chosen config's measured
   seconds per epoch and the slots that run at once, and trains the final
   models as long as the rest of the budget allows, up to ``LENGTH_CAP``
-  times the searched length: length first, then more configs at that length;
+  times the searched length: length first, then more configs at that length
+  (a config too slow to join is passed over for the next);
 - every phase ends at its deadline (``Deadline``): a trial still running is
   stopped cleanly, and what finished is kept.
 
@@ -278,42 +279,44 @@ class Plan:
 
 def plan_final(costs: dict[str, Cost], available_s: float, folds: int, slots: int, searched_epochs: int,
                top: int | None = None) -> Plan:
-    """How many of the ranked configs (``costs``, best first) the final stage trains, and for how long.
+    """Which of the ranked configs (``costs``, best first) the final stage trains, and for how long.
 
     Length first: the first config gets the most epochs that fit, up to
-    ``LENGTH_CAP`` times the searched length; more configs join while every
-    config still gets ``SHORTER_FOR_BREADTH`` of that length, and then all
-    train at the longest length that fits them, up to ``LENGTH_MAX`` times the
-    searched length (time that holds no further config is not left idle).
-    ``top`` fixes the number of configs.
-    Never shorter than 1 epoch; ``epochs`` below the searched length means the
-    search overran its share (said by the caller).
+    ``LENGTH_CAP`` times the searched length; the next configs join, in their
+    order, while every config still gets ``SHORTER_FOR_BREADTH`` of that
+    length; one that would cut them below it (a slow config) is passed over
+    and the one after it is tried. Then all train at the longest length that
+    fits them, up to ``LENGTH_MAX`` times the searched length (time that holds
+    no further config is not left idle). ``top`` fixes the number of configs
+    (the first ``top``). Never shorter than 1 epoch; ``epochs`` below the
+    searched length means the search overran its share (said by the caller).
     """
     ids = list(costs)
     cap = LENGTH_CAP * searched_epochs
     total_s, available_s = available_s, PLAN_SLACK * available_s - STAGE_START_S
 
-    def longest(m: int, cap: int = cap) -> int:
-        """The most epochs (<= cap) at which the first m configs fit, 0 if not even one does."""
+    def longest(chosen: list[str], cap: int = cap) -> int:
+        """The most epochs (<= cap) at which these configs fit, 0 if they do not at one."""
         lo, hi = 0, cap
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if seconds(m, mid) <= available_s:
+            if seconds(chosen, mid) <= available_s:
                 lo = mid
             else:
                 hi = mid - 1
         return lo
 
-    def seconds(m: int, epochs: int) -> float:
-        jobs = [costs[c].job_s + epochs * costs[c].epoch_s for c in ids[:m] for _ in range(folds)]
+    def seconds(chosen: list[str], epochs: int) -> float:
+        jobs = [costs[c].job_s + epochs * costs[c].epoch_s for c in chosen for _ in range(folds)]
         return makespan(jobs, slots)
 
     if top is not None:
-        m = max(1, min(top, len(ids)))
+        chosen = ids[:max(1, min(top, len(ids)))]
     else:
-        target = min(cap, longest(1))
-        m = 1
-        while m < len(ids) and target > 0 and longest(m + 1) >= SHORTER_FOR_BREADTH * target:
-            m += 1
-    epochs = max(1, longest(m, LENGTH_MAX * searched_epochs))
-    return Plan(ids[:m], epochs, folds, slots, STAGE_START_S + seconds(m, epochs), searched_epochs, total_s)
+        chosen = ids[:1]
+        target = min(cap, longest(chosen))
+        for c in ids[1:]:
+            if target > 0 and longest(chosen + [c]) >= SHORTER_FOR_BREADTH * target:
+                chosen.append(c)
+    epochs = max(1, longest(chosen, LENGTH_MAX * searched_epochs))
+    return Plan(chosen, epochs, folds, slots, STAGE_START_S + seconds(chosen, epochs), searched_epochs, total_s)

@@ -273,16 +273,14 @@ def crossfit(experiment: Experiment, res: Resources, top: int | None = None, tta
         p = plan_final(costs(trials, chosen["trial_id"].tolist(), len(index) // folds, n_test, ctx.tta),
                        until_s - clock.used(), folds, slots(res), meta["budget"]["max_epochs"], given)
         plan = p.as_dict()
-        order = chosen["trial_id"].tolist()
-        slow = [t for t in order[:order.index(p.configs[-1])] if t not in p.configs]
         chosen = chosen[chosen["trial_id"].isin(p.configs)]
         meta["final_plan"] = plan
         experiment.write_meta(meta)
         clock.save(phase="final stage", final_plan=plan)
         print(f"\nfinal stage planned: {p.describe()}", flush=True)
-        if slow:
-            print(f"  passed over for a later config: {', '.join(slow)} (too slow: beside it, every config would "
-                  f"train less than {SHORTER_FOR_BREADTH:.0%} of the first one's length)", flush=True)
+        if p.passed_over:
+            print(f"  passed over for a later config: {', '.join(p.passed_over)} (too slow: beside it, every "
+                  f"config would train less than {SHORTER_FOR_BREADTH:.0%} of the first one's length)", flush=True)
         if p.epochs < p.searched_epochs:
             print(f"  (the search overran its share: the final models get {p.epochs} epochs, fewer than the "
                   f"{p.searched_epochs} it searched)", flush=True)

@@ -266,6 +266,7 @@ class Plan:
     seconds: float           # the estimated makespan
     searched_epochs: int
     available_s: float
+    passed_over: list[str] = dataclasses.field(default_factory=list)   # ranked before a chosen one, too slow
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -318,5 +319,7 @@ def plan_final(costs: dict[str, Cost], available_s: float, folds: int, slots: in
         for c in ids[1:]:
             if target > 0 and longest(chosen + [c]) >= SHORTER_FOR_BREADTH * target:
                 chosen.append(c)
+    passed_over = [c for c in ids[:ids.index(chosen[-1])] if c not in chosen]
     epochs = max(1, longest(chosen, LENGTH_MAX * searched_epochs))
-    return Plan(chosen, epochs, folds, slots, STAGE_START_S + seconds(chosen, epochs), searched_epochs, total_s)
+    return Plan(chosen, epochs, folds, slots, STAGE_START_S + seconds(chosen, epochs), searched_epochs, total_s,
+                passed_over)

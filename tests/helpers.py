@@ -338,7 +338,7 @@ def without_session_ray(tmp_path_factory):
                          log_to_driver=True, runtime_env=previous["runtime_env"] or None)
 
 
-# --- ports and S3 -------------------------------------------------------------
+# --- two tests at a time -----------------------------------------------------
 
 @contextlib.contextmanager
 def machine_share(folder, exclusive: bool):
@@ -360,6 +360,8 @@ def machine_share(folder, exclusive: bool):
         finally:
             fcntl.flock(machine, fcntl.LOCK_UN)
 
+
+# --- ports and S3 -------------------------------------------------------------
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (bound, read, closed again)."""

@@ -123,10 +123,10 @@ def test_a_config_too_slow_to_join_is_passed_over_for_a_cheaper_one_after_it():
     # keeps 20 (2/3 of the cap), so c2 joins in c1's place instead of c0 training alone for 40
     ranked = {"c0": tb.Cost(1.0, 0.0), "c1": tb.Cost(10.0, 0.0), "c2": tb.Cost(1.0, 0.0)}
     plan = tb.plan_final(ranked, room(40), folds=2, slots=2, searched_epochs=10)
-    assert (plan.configs, plan.epochs) == (["c0", "c2"], 20)
+    assert (plan.configs, plan.epochs, plan.passed_over) == (["c0", "c2"], 20, ["c1"])
     # with the time for it, the slow one joins in its rank
     plan = tb.plan_final(ranked, room(500), folds=2, slots=2, searched_epochs=10)
-    assert plan.configs == ["c0", "c1", "c2"] and plan.epochs >= 20
+    assert plan.configs == ["c0", "c1", "c2"] and plan.epochs >= 20 and plan.passed_over == []
 
 
 def test_a_given_number_of_configs_gets_the_length_that_fits_them():

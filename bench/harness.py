@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
 import json
 import os
 import platform
@@ -480,26 +479,6 @@ def by_cell(rows: list[dict]) -> list[tuple[tuple[str, float], list[dict]]]:
     for r in rows:
         cells.setdefault((r["dataset"], r["budget_min"]), []).append(r)
     return sorted(cells.items())
-
-
-def over_cells(doc: str, cell, out: str, key: str, title: str, table, datasets: str) -> None:
-    """The CLI of a benchmark over (dataset, seed) cells at one budget: run the missing ones (``cell(name, seed,
-    minutes)`` saves its JSON under ``out``), then report the table over every saved cell."""
-    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
-    ap.add_argument("--datasets", default=datasets)
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--minutes", type=float, default=6.0, help="the time budget of the pipeline runs")
-    ap.add_argument("--report-only", action="store_true")
-    a = ap.parse_args()
-    if not a.report_only:
-        for seed in map(int, a.seeds.split(",")):
-            for name in a.datasets.split(","):
-                cell(name, seed, a.minutes)
-    report(key, title, table(load_json_dir(out)))
-
-
-def load_json_dir(folder: str) -> list[dict]:
-    return [json.load(open(p)) for p in sorted(glob.glob(os.path.join(folder, "*.json")))]
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:

@@ -273,6 +273,7 @@ def run(cmd: list[str], log: str, timeout: float, env: dict | None = None, tag: 
         except ProcessLookupError:
             pass
 
+    os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "w") as out, open(log + ".stderr", "w") as err:
         p = subprocess.Popen(timed, cwd=REPO, env=env or child_env(ray_tmp), stdout=subprocess.PIPE, stderr=err,

@@ -202,9 +202,7 @@ def pipeline_again(name: str, seed: int, minutes: float, variant: str) -> dict:
     saved = json.load(open(os.path.join(OUT, f"{tag}.json")))
     out = {**saved, "variant": variant, "before": {k: saved["pipeline"].get(k) for k in
                                                    ("accuracy", "log_loss", "seconds", "plan", "members")}}
-    work = os.path.join(OUT, "runs", tag)
-    os.makedirs(work, exist_ok=True)
-    out["pipeline"] = run_pipeline(name, seed, minutes * 60, work, run_name=variant)
+    out["pipeline"] = run_pipeline(name, seed, minutes * 60, os.path.join(OUT, "runs", tag), run_name=variant)
     harness.save_json(os.path.join(OUT, variant, f"{tag}.json"), out)
     p, before, b = out["pipeline"], out["before"], out["baseline"]
     print(f"{tag} {variant}: pipeline {p.get('accuracy', float('nan')):.4f} (before {before['accuracy']:.4f}), "

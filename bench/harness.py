@@ -186,77 +186,10 @@ def show(cmd: list[str]) -> str:
     return " ".join(out)
 
 
-class CpuSampler(threading.Thread):
-    """CPU seconds of one process tree (the command, Ray and its workers) and of everything else on the machine.
-
-    Every few seconds it reads utime + stime of every /proc/<pid>/stat; a process is ours when the command's pid
-    is among its ancestors or leads its session. The machine is shared: this says how much other work took.
-    """
-
-    def __init__(self, root_pid: int, every_s: float = 3.0):
-        super().__init__(daemon=True)
-        self.root, self.every_s, self.stop_event = root_pid, every_s, threading.Event()
-        self.tick, self.prev, self.ours, self.other = os.sysconf("SC_CLK_TCK"), {}, 0.0, 0.0
-        self.by_other: dict[str, float] = {}
-        self.loads: list[float] = []
-        self.t0 = time.time()
-
-    def sample(self) -> None:
-        procs = {}
-        for d in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                raw = open(f"/proc/{d}/stat").read()
-            except OSError:
-                continue
-            r = raw.rfind(")")
-            rest = raw[r + 2:].split()
-            procs[int(d)] = (int(rest[1]), int(rest[3]), raw[raw.find("(") + 1:r], float(rest[11]) + float(rest[12]))
-        self.loads.append(os.getloadavg()[0])
-        first = not self.prev
-        for pid, (_, sid, comm, ticks) in procs.items():
-            delta = 0.0 if first else (ticks - self.prev.get(pid, 0.0)) / self.tick
-            self.prev[pid] = ticks
-            if delta <= 0:
-                continue
-            mine, p, seen = pid == self.root or sid == self.root or pid == os.getpid(), pid, 0
-            while not mine and p in procs and seen < 64:
-                p, seen = procs[p][0], seen + 1
-                mine = p == self.root
-            if mine:
-                self.ours += delta
-                continue
-            self.other += delta
-            try:
-                name = " ".join(open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")
-                                .decode(errors="replace").split())[:70] or comm
-            except OSError:
-                name = comm
-            self.by_other[name] = self.by_other.get(name, 0.0) + delta
-        self.prev = {pid: t for pid, t in self.prev.items() if pid in procs}
-
-    def run(self) -> None:
-        self.sample()
-        while not self.stop_event.wait(self.every_s):
-            self.sample()
-
-    def finish(self) -> dict:
-        self.stop_event.set()
-        self.join(timeout=10)
-        self.sample()
-        wall = time.time() - self.t0
-        top = sorted(self.by_other.items(), key=lambda kv: -kv[1])[:3]
-        return dict(wall_s=wall, ours_cpu_s=self.ours, other_cpu_s=self.other,
-                    other_cores=self.other / wall if wall else 0.0, ours_cores=self.ours / wall if wall else 0.0,
-                    load_mean=float(np.mean(self.loads)) if self.loads else None,
-                    load_max=float(np.max(self.loads)) if self.loads else None,
-                    top_other=[(name, round(sec, 1)) for name, sec in top if sec >= 1.0])
-
-
-def run(cmd: list[str], log: str, timeout: float, env: dict | None = None, tag: str | None = None,
-        cpu: bool = False) -> dict:
+def run(cmd: list[str], log: str, timeout: float, env: dict | None = None, tag: str | None = None) -> dict:
     """Run ``cmd`` from the repository root in a session of its own: its stdout to ``log`` (and, with ``tag``,
-    echoed live), its stderr to ``log + '.stderr'``; rc, seconds, peak RSS, stdout lines, the stderr's last lines
-    and, with ``cpu``, a CpuSampler's figures. Past ``timeout`` seconds its process group is killed."""
+    echoed live), its stderr to ``log + '.stderr'``; rc, seconds, peak RSS, stdout lines and the stderr's last
+    lines. Past ``timeout`` seconds its process group is killed."""
     if tag:
         print(f"\n[{tag}] $ {show(cmd)}", flush=True)
     ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")   # short: Ray's unix socket paths
@@ -278,10 +211,8 @@ def run(cmd: list[str], log: str, timeout: float, env: dict | None = None, tag: 
     with open(log, "w") as out, open(log + ".stderr", "w") as err:
         p = subprocess.Popen(timed, cwd=REPO, env=env or child_env(ray_tmp), stdout=subprocess.PIPE, stderr=err,
                              text=True, bufsize=1, start_new_session=True)
-        timer, sampler = threading.Timer(timeout, kill), CpuSampler(p.pid) if cpu else None
+        timer = threading.Timer(timeout, kill)
         timer.start()
-        if sampler:
-            sampler.start()
         try:
             for line in p.stdout:
                 out.write(line)
@@ -291,7 +222,6 @@ def run(cmd: list[str], log: str, timeout: float, env: dict | None = None, tag: 
             rc = p.wait()
         finally:
             timer.cancel()
-            usage = sampler.finish() if sampler else None
     seconds = time.perf_counter() - t0
     subprocess.run(["rm", "-rf", ray_tmp])
     tail = [ln.rstrip("\n") for ln in open(log + ".stderr", errors="replace") if ln.strip()][-8:]
@@ -299,7 +229,7 @@ def run(cmd: list[str], log: str, timeout: float, env: dict | None = None, tag: 
     if rc != 0 and tag:
         print(f"[{tag}] exit code {rc}{' (timed out)' if timed_out.is_set() else ''}; last stderr lines:\n"
               + "\n".join(f"[{tag}]   {ln}" for ln in tail), flush=True)
-    return dict(cmd=show(cmd), rc=rc, seconds=seconds, timed_out=timed_out.is_set(), stdout=lines, cpu=usage,
+    return dict(cmd=show(cmd), rc=rc, seconds=seconds, timed_out=timed_out.is_set(), stdout=lines,
                 stderr_tail=tail, peak_rss_mb=int(rss[-1]) / 1024 if rss and rss[-1].isdigit() else None, log=log)
 
 
@@ -320,42 +250,6 @@ def start_ray():
         start(num_cpus=os.cpu_count(), temp_dir=tempfile.mkdtemp(prefix="rb", dir="/tmp"), include_dashboard=False,
               env={"PYTHONPATH": os.environ["PYTHONPATH"]})
     return ray
-
-
-def search_in_process(argv: list[str]) -> float:
-    """``searchspace.run.main(argv)`` on this process's Ray; its wall seconds (a failed search stops the bench)."""
-    from searchspace import run
-
-    start_ray()
-    print(f"\n$ python -m searchspace.run {' '.join(argv)}", flush=True)
-    t0 = time.perf_counter()
-    rc = run.main(argv)
-    if rc != 0:
-        raise SystemExit(f"searchspace.run.main returned {rc}")
-    return time.perf_counter() - t0
-
-
-def prepare_digits_cache(cache_dir: str, folds: int, seed: int, sizes, modes=("squish", "crop", "letterbox"),
-                         workers: int | None = None):
-    """Write the digits PNGs and build the node cache for every (size, mode), keyed as a search keys it
-    (searchspace.prepare's fingerprint of the paths and byte sizes), so later trials find it warm.
-
-    Returns (data folder, the index DataFrame with folds, class names, cache key).
-    """
-    from core import storage
-    from searchspace.data import build_index
-    from searchspace.tasks import digits
-    from trainer.cache import cached_images, fingerprint
-
-    cache_dir = os.path.abspath(cache_dir)
-    data = storage.absolute(digits.default_data(cache_dir))
-    index, classes = build_index(digits.load(data).train.reset_index(drop=True), folds, seed)
-    paths = index["path"].tolist()
-    key = fingerprint(paths, [os.path.getsize(p) for p in paths])
-    for size in sizes:
-        for mode in modes:
-            cached_images(paths, key, int(size), mode, cache_dir, workers=workers or os.cpu_count())
-    return data, index, classes, key
 
 
 # --- synthetic candidates ---------------------------------------------------------------------

@@ -114,7 +114,7 @@ def run_dataset(name: str, a, info: dict, weights: dict) -> dict:
         "--cache-dir", os.path.join(a.workdir, "cache"), "--weights-dir", weights["folder"],
         "--pretrained", a.pretrained, archs=a.archs, image_sizes=a.image_sizes, tta=tta)
     r = dict(name=name, info=info, budget=b, tta=tta, experiment=os.path.join(runs, exp_name))
-    r["search"] = harness.run(cmd, os.path.join(logs, exp_name + ".search.log"), a.timeout, tag=name, cpu=True)
+    r["search"] = harness.run(cmd, os.path.join(logs, exp_name + ".search.log"), a.timeout, tag=name)
     r.update(stdout_counts(r["search"]["stdout"]))
     if Experiment(r["experiment"]).has_trials():
         sel = [sys.executable, "-m", "ensemble_builder", "select", "--top", str(a.top), "--experiment",
@@ -168,10 +168,6 @@ def step_notes(r: dict) -> list[str]:
             notes.append(f"{r['name']}: `{step['cmd']}` -> exit {step['rc']} in {step['seconds']:.0f} s"
                          + (" (TIMED OUT)" if step.get("timed_out") else "")
                          + ("; last stderr lines: " + " | ".join(step["stderr_tail"]) if step["rc"] else ""))
-        c = (step or {}).get("cpu")
-        if c:
-            notes.append(f"{r['name']}: its process tree used {c['ours_cores']:.2f} cores on average, other work on "
-                         f"the machine {c['other_cores']:.2f} of {os.cpu_count()}")
     m = r.get("m") or {}
     for line in m.get("errors", []) + r.get("failed_lines", []) + r.get("crossfit_failed", []):
         notes.append(f"{r['name']}: failed: {line}")

@@ -2,7 +2,7 @@
 
 Default: class-per-folder trees of ``--images`` small JPEGs (``--src-px`` wide, 4:3): listing and index, first and
 second scan (``trainer.images.scan``), node-cache build (``trainer.cache.cached_images``) and the growth of each
-figure; ``--trials`` and ``--selection`` add bench/driver_cost.py's and bench/selection_scale.py's measurements.
+figure (the driver's cost per trial and ``select`` at scale: bench/driver_cost.py, bench/selection_scale.py).
 ``--check``: the image check alone on the first N of one set of 640x480 JPEGs: scan without a cache, first and
 second scan, a rescan with 1% of the files touched, and the cache build. Every step runs in a Python process of its
 own, timed inside it (imports excluded), its peak RSS its own (``os.wait4``). Every file is a shifted, flipped,
@@ -10,7 +10,6 @@ re-lit variant of one of 256 crops of scikit-image's photos (input_pipeline.one_
 
     python bench/scale.py                                  # 20,000 and 100,000 images (~6 min on 2 cores)
     python bench/scale.py --images 500,2000                # smoke
-    python bench/scale.py --trials 100,300,1000 --selection 1000x100000x10
     python bench/scale.py --check --images 2000,20000,100000
     python bench/scale.py --check --images 300,600         # smoke
 """
@@ -295,8 +294,6 @@ def main() -> None:
                                       "/tmp/bench_scale_cache)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--drop-caches", action="store_true", help="empty the OS page cache before every step (root)")
-    ap.add_argument("--trials", default="", help="also bench/driver_cost.py at these trial counts, e.g. 100,300,1000")
-    ap.add_argument("--selection", default="", help="also bench/selection_scale.py, CANDIDATESxSAMPLESxCLASSES")
     ap.add_argument("--child", choices=["index", "scan", "build"], help=argparse.SUPPRESS)
     for hidden in ("--data", "--list", "--cache-dir"):
         ap.add_argument(hidden, default="", help=argparse.SUPPRESS)
@@ -309,20 +306,6 @@ def main() -> None:
     os.makedirs(a.workdir, exist_ok=True)
     body, notes = (check if a.check else startup)(a, counts)
     notes.append(load_note(load_before))
-    # The other scripts are imported only now: an import before the steps would raise the floor of every
-    # child's peak RSS (a child starts at its parent's).
-    if a.trials:
-        import driver_cost
-        rows = driver_cost.run([int(t) for t in a.trials.split(",")], os.path.join(a.workdir, "driver_cost"))
-        body += f"\n\nThe driver's cost per trial at {a.trials} trials (bench/driver_cost.py):\n\n"
-        body += driver_cost.tables(rows)
-    if a.selection:
-        import selection_scale
-        candidates, samples, classes = (int(x) for x in a.selection.lower().split("x"))
-        result = selection_scale.run(candidates, samples, classes, root=a.workdir)
-        body += (f"\n\nEnsemble selection at {candidates:,} candidates x {samples:,} samples x {classes} classes "
-                 "(bench/selection_scale.py):\n\n" + selection_scale.table([result]))
-        notes += selection_scale.notes([result])
     if a.check:
         harness.report("scale_cache", "Start-up at scale: image check and node cache build", body, notes)
     else:

@@ -1,9 +1,9 @@
-"""Benchmark: ensemble selection at scale, 1,000 candidates x 100,000 samples x 10 classes (issue #13).
+"""Benchmark: ``select`` at scale, 1,000 candidates x 100,000 samples x 10 classes (target: fits in 24 GiB).
 
-A synthetic experiment written through core.experiment (harness.synthetic_candidates, every sample covered), then,
-each in a fresh process so every peak is that size's own: ``candidates.load``, ``SelectionCV.fit`` as ``select``
-runs it and the final fit alone (the cross-validation's cost is the difference), and ``ensemble.select`` end to end.
-Wall and CPU time per phase; peak RSS per phase sampled every 5 ms, and the process's ru_maxrss.
+A synthetic experiment written through core.experiment (harness.synthetic_candidates, every sample covered), then
+``ensemble.select`` end to end (everything ``python -m ensemble_builder select`` computes and writes) in a fresh
+process: its wall and CPU time, the cross-validation's share, and its peak RSS (ru_maxrss). The study's split by
+phase (load, the estimate, the final fit, each peak sampled) ran from this script at fbd18b6 (BENCHMARKS.md).
 
     python bench/selection_scale.py                                    # 100 x 10,000 and 1,000 x 100,000
     python bench/selection_scale.py --candidates 1000 --samples 100000 --metric log_loss
@@ -19,7 +19,6 @@ import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -31,8 +30,6 @@ SCRIPT = "selection_scale"
 GIB = 2**30
 TARGET_GIB = 24   # the machine the issue names
 
-
-# --- the synthetic experiment ---------------------------------------------------------
 
 def write_experiment(root: str, m: int, n: int, C: int, folds: int, n_test: int, metric: str,
                      seed: int = 0) -> None:
@@ -50,90 +47,20 @@ def write_experiment(root: str, m: int, n: int, C: int, folds: int, n_test: int,
                                          probs_table(test_ids, test))
 
 
-# --- measuring --------------------------------------------------------------------------
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class Phase:
-    """Wall and CPU time of a block, and its peak RSS sampled every ``interval`` seconds."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval = interval
-
-    def __enter__(self) -> Phase:
-        self.peak, self._stop = rss(), threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        self.t0, self.c0 = time.perf_counter(), time.process_time()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, rss())
-
-    def __exit__(self, *exc) -> None:
-        self.wall, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss())
-
-    def row(self) -> dict:
-        return dict(wall_s=self.wall, cpu_s=self.cpu, peak_gib=self.peak / GIB)
-
-
-def maxrss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
-
-
-def phases(root: str, metric: str, top: int) -> dict:
-    """Load, the cross-validated estimate with its final fit, and the final fit alone (in this process)."""
-    from ensemble_builder import candidates as cands
-    from ensemble_builder.crossval import SelectionCV
-    from ensemble_builder.greedy import EnsembleSelection
-
-    out = dict(start_gib=rss() / GIB)
-    with Phase() as p:
-        c = cands.load(root)
-    out["load"], out["dtype"], out["P_gib"] = p.row(), str(c.P.dtype), c.P.nbytes / GIB
-    top = min(top, len(c.ids))
-    with Phase() as p:   # as ensemble.fit runs it: the default grid, the fallback, --top distinct members
-        cv = SelectionCV(metric, max_members=top, top=top, random_state=0).fit(c.P, c.y, c.folds)
-    out["cv"] = p.row()
-    chosen = cv.settings_[cv.chosen_]
-    with Phase() as p:
-        final = EnsembleSelection(chosen["steps"], metric, max_members=top, bags=chosen["bags"]).fit(c.P, c.y)
-    out["final"] = p.row()
-    assert np.array_equal(final.weights_, cv.selector_.weights_)
-    out.update(chosen=chosen["name"], cv_gain=cv.gain_, members=int(np.count_nonzero(final.weights_)),
-               ensemble=cv.estimate_["ensemble"]["scores"][metric],
-               best_single=cv.estimate_["best_single"]["scores"][metric], maxrss_gib=maxrss_gib())
-    return out
-
-
-def end_to_end(root: str, top: int) -> dict:
-    """``ensemble_builder.ensemble.select``: everything ``python -m ensemble_builder select`` computes and writes."""
+def select(root: str, top: int) -> dict:
+    """``ensemble.select`` in this process: seconds, CPU, its peak RSS, what it chose and wrote."""
     from ensemble_builder import ensemble
 
-    start = rss() / GIB
-    with Phase() as p:
-        sel = ensemble.select(root, top)
-    wrote = os.path.exists(os.path.join(root, "ensemble", "submission.csv"))
-    return dict(select=p.row(), start_gib=start, maxrss_gib=maxrss_gib(), submission=wrote,
-                cv_seconds=sel.cv_seconds, members=len(sel.members))
-
-
-def in_child(fn, *args):
-    """``fn(*args)`` in a fresh spawned process: its ru_maxrss is that call's own peak."""
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
+    t0, c0 = time.perf_counter(), time.process_time()
+    sel = ensemble.select(root, top)
+    return dict(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, cv_s=sel.cv_seconds,
+                members=len(sel.members), maxrss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+                submission=os.path.exists(os.path.join(root, "ensemble", "submission.csv")))
 
 
 def run(candidates: int, samples: int, classes: int = 10, metric: str = "accuracy", folds: int = 5, top: int = 5,
         test_samples: int = 1000, seed: int = 0, root: str | None = None, keep: bool = False) -> dict:
-    """Write the experiment, then measure the phases and ``select`` end to end, each in a fresh process."""
+    """Write the experiment, then ``select`` in a fresh spawned process (its ru_maxrss is that call's own)."""
     if root:
         os.makedirs(root, exist_ok=True)
     parent = tempfile.mkdtemp(prefix="selscale", dir=root)
@@ -141,56 +68,14 @@ def run(candidates: int, samples: int, classes: int = 10, metric: str = "accurac
     try:
         t0 = time.perf_counter()
         write_experiment(exp, candidates, samples, classes, folds, min(test_samples, samples), metric, seed)
-        write_s = time.perf_counter() - t0
-        disk = harness.folder_bytes(exp)
-        out = dict(candidates=candidates, samples=samples, classes=classes, metric=metric, folds=folds, top=top,
-                   write_s=write_s, disk_gib=disk / GIB)
-        out["phases"] = in_child(phases, exp, metric, top)
-        out["end_to_end"] = in_child(end_to_end, exp, top)
-        out["load_avg"] = os.getloadavg()
+        out = dict(candidates=candidates, samples=samples, classes=classes, metric=metric,
+                   write_s=time.perf_counter() - t0, disk_gib=harness.folder_bytes(exp) / GIB)
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            out.update(pool.submit(select, exp, top).result())
         return out
     finally:
         if not keep:
             shutil.rmtree(parent, ignore_errors=True)
-
-
-# --- the report -------------------------------------------------------------------------
-
-def table(results: list[dict]) -> str:
-    rows = []
-    for r in results:
-        p, e = r["phases"], r["end_to_end"]
-        cv_only = dict(wall_s=p["cv"]["wall_s"] - p["final"]["wall_s"], cpu_s=p["cv"]["cpu_s"] - p["final"]["cpu_s"])
-        size = f"{r['candidates']:,} x {r['samples']:,} x {r['classes']}"
-        for name, ph in (("load (parquet -> P)", p["load"]), ("SelectionCV.fit (CV + final fit)", p["cv"]),
-                         ("  of which the CV estimate", cv_only), ("  of which the final fit", p["final"]),
-                         ("ensemble.select end to end", e["select"])):
-            peak = f"{ph['peak_gib']:.2f}" if "peak_gib" in ph else ""
-            rows.append([size, r["metric"], p["dtype"], name, f"{ph['wall_s']:.1f}", f"{ph['cpu_s']:.1f}", peak])
-        rows.append([size, r["metric"], p["dtype"], "process peak (ru_maxrss): phases / select",
-                     "", "", f"{p['maxrss_gib']:.2f} / {e['maxrss_gib']:.2f}"])
-    return harness.md_table(["candidates x samples x classes", "metric", "P dtype", "phase", "wall s", "CPU s",
-                             "peak RSS GiB"], rows)
-
-
-def notes(results: list[dict]) -> list[str]:
-    out = []
-    for r in results:
-        p, e = r["phases"], r["end_to_end"]
-        size = f"{r['candidates']:,} x {r['samples']:,}"
-        out.append(f"{size}: P held as {p['dtype']}, {p['P_gib']:.2f} GiB; writing the {r['candidates']:,} candidates' "
-                   f"parquet files took {r['write_s']:.0f} s ({r['disk_gib']:.2f} GiB on disk); chose "
-                   f"{p['chosen']} with {p['members']} members, CV {r['metric']} {p['ensemble']:.4f} vs best single "
-                   f"{p['best_single']:.4f} (gain {p['cv_gain']:+.4f}); submission written: "
-                   f"{'yes' if e['submission'] else 'no'}; peak {max(p['maxrss_gib'], e['maxrss_gib']):.2f} GiB, "
-                   f"{harness.met(max(p['maxrss_gib'], e['maxrss_gib']) < TARGET_GIB)} (< {TARGET_GIB} GiB); "
-                   f"load average at the end {r['load_avg'][0]:.2f}")
-    out.append(f"{results[0]['folds']} round-robin folds, top {results[0]['top']} (at most that many distinct "
-               "members, as `select`); each size in fresh processes; the RSS before each phase includes "
-               "Python, numpy and pandas (about 0.1-0.2 GiB)")
-    out.append(f"the machine is shared ({os.cpu_count()} cores, other benchmarks running): the CPU time is "
-               "closer than the wall time to what a quiet machine gives")
-    return out
 
 
 def main() -> None:
@@ -209,13 +94,20 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="20 candidates x 2,000 samples")
     a = ap.parse_args()
     sizes = [(20, 2000)] if a.smoke else list(zip(a.candidates, a.samples, strict=True))
-
-    results = []
+    rows = []
     for m, n in sizes:
         print(f"{m} candidates x {n} samples x {a.classes} classes ...", flush=True)
-        results.append(run(m, n, a.classes, a.metric, a.folds, a.top, a.test_samples, a.seed, a.root, a.keep))
-    harness.report(SCRIPT, "Ensemble selection at scale: time and peak memory of `select`", table(results),
-                   notes(results))
+        r = run(m, n, a.classes, a.metric, a.folds, a.top, a.test_samples, a.seed, a.root, a.keep)
+        rows.append([f"{m:,} x {n:,} x {a.classes}", a.metric, f"{r['write_s']:.0f} ({r['disk_gib']:.2f} GiB)",
+                     f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['cv_s']:.1f}", r["members"],
+                     "yes" if r["submission"] else "no", f"{r['maxrss_gib']:.2f}",
+                     harness.met(r["maxrss_gib"] < TARGET_GIB)])
+    body = harness.md_table(["candidates x samples x classes", "metric", "writing the candidates s (on disk)",
+                             "select wall s", "select CPU s", "of which the CV estimate s", "members",
+                             "submission", "peak RSS GiB", f"< {TARGET_GIB} GiB"], rows)
+    notes = [f"{a.folds} round-robin folds, top {a.top} (at most that many distinct members, as `select`); "
+             "each size's `select` in a fresh process; its peak includes Python, numpy and pandas (0.1-0.2 GiB)"]
+    harness.report(SCRIPT, "Ensemble selection at scale: time and peak memory of `select`", body, notes)
 
 
 if __name__ == "__main__":

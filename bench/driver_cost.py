@@ -19,6 +19,7 @@ import os
 import resource
 import shutil
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +80,7 @@ def child(spec: dict) -> dict:
             span["cpu1"], span["wall1"] = process_cpu(), time.perf_counter()
 
     Progress.on_trial_complete, Tuner.fit = mark, fit_timed
-    harness.start_ray()
+    harness.start_ray(spec["ray_tmp"])
     n, tail = spec["trials"], max(1, spec["trials"] // 10)
     code, experiment = api.run_search("digits", spec["data"], SearchConfig.from_kwargs(
         trials=n, max_epochs=1, grace_period=1, folds=2, crossfit_top=0, archs="test_resnet", image_sizes="16",
@@ -112,12 +113,15 @@ def main() -> None:
     data = tiny_digits(cache_dir, os.path.join(workdir, f"digits-{a.per_class}"), a.per_class)
     rows = []
     for n in sorted(int(t) for t in a.trials.split(",") if t.strip()):
-        spec = os.path.join(workdir, f"spec-{n}.json")
+        spec, ray_tmp = os.path.join(workdir, f"spec-{n}.json"), tempfile.mkdtemp(prefix="dc", dir="/tmp")
         with open(spec, "w") as f:
             json.dump(dict(trials=n, data=data, storage=os.path.join(workdir, "runs"), cache_dir=cache_dir,
-                           seed=a.seed), f)
+                           seed=a.seed, ray_tmp=ray_tmp), f)
         print(f"\n{n} trials ...", flush=True)
-        row = harness.child_json([sys.executable, os.path.abspath(__file__), "--child", spec])
+        try:
+            row = harness.child_json([sys.executable, os.path.abspath(__file__), "--child", spec])
+        finally:
+            shutil.rmtree(ray_tmp, ignore_errors=True)   # Ray's session logs: large at 1,000 trials
         if not a.keep_runs:   # ~4 GB of trial folders and candidates at 1,000 trials
             shutil.rmtree(row["experiment"], ignore_errors=True)
         print(f"  driver {row['fit_cpu'] / n * 1e3:.1f} ms CPU per trial", flush=True)

@@ -241,14 +241,15 @@ def search_command(task: str, info: dict, work: str, name: str, seed: int, *extr
             *extra, *([] if tta else ["--no-tta"])]
 
 
-def start_ray():
-    """A local Ray with every core, its temp dir short enough for Ray's unix sockets (searchspace's own start-up)."""
+def start_ray(temp_dir: str | None = None):
+    """A local Ray with every core, its temp dir (``temp_dir``, else a new one) short enough for Ray's unix
+    sockets (searchspace's own start-up)."""
     import ray
 
     from searchspace.ray_start import start_ray as start
     if not ray.is_initialized():
-        start(num_cpus=os.cpu_count(), temp_dir=tempfile.mkdtemp(prefix="rb", dir="/tmp"), include_dashboard=False,
-              env={"PYTHONPATH": os.environ["PYTHONPATH"]})
+        start(num_cpus=os.cpu_count(), temp_dir=temp_dir or tempfile.mkdtemp(prefix="rb", dir="/tmp"),
+              include_dashboard=False, env={"PYTHONPATH": os.environ["PYTHONPATH"]})
     return ray
 
 

@@ -33,30 +33,6 @@ _pp = os.environ.get("PYTHONPATH", "")
 if REPO not in _pp.split(os.pathsep):
     os.environ["PYTHONPATH"] = REPO + (os.pathsep + _pp if _pp else "")
 
-DATA_ROOT = os.path.join(RESULTS, "real_data")     # the datasets are written once here (bench/results: gitignored)
-# Each real dataset: the task whose layout it is written in, and flip TTA (off for digits: a mirrored digit is
-# another glyph).
-DATASETS = {
-    "mnist": dict(task="paddy", tta=False),
-    "lfw": dict(task="deepfake", tta=True),
-    "textures": dict(task="imagefolder", tta=True),
-    "animals": dict(task="imagefolder", tta=True),
-    "photos": dict(task="paddy", tta=True),
-}
-ARCHS = "test_resnet,test_efficientnet,efficientnet_lite0,mobilenetv3_small_050"   # the real-data searches
-
-
-def dataset(name: str, root: str = DATA_ROOT, **sizes) -> dict:
-    """The dataset's info (folder, test_labels, classes, ...), written on first use."""
-    import _real
-    return _real.BUILDERS[name](root, **sizes)
-
-
-def weights(root: str = DATA_ROOT) -> str:
-    """The folder with the real ImageNet EfficientNet-Lite0 weights (written and checked once)."""
-    import _real
-    return _real.weights_folder(root)["folder"]
-
 
 # --- the machine and the report -------------------------------------------------------------
 
@@ -233,14 +209,6 @@ def run(cmd: list[str], log: str, timeout: float, env: dict | None = None, tag: 
                 stderr_tail=tail, peak_rss_mb=int(rss[-1]) / 1024 if rss and rss[-1].isdigit() else None, log=log)
 
 
-def search_command(task: str, info: dict, work: str, name: str, seed: int, *extra: str,
-                   archs: str = ARCHS, image_sizes: str = "32,48", tta: bool = True) -> list[str]:
-    """``python -m searchspace.run`` on a real dataset written by _real, offline, with the real weights."""
-    return [sys.executable, "-m", "searchspace.run", task, "--data", info["folder"], "--archs", archs,
-            "--image-sizes", image_sizes, "--seed", str(seed), "--storage", work, "--name", name,
-            *extra, *([] if tta else ["--no-tta"])]
-
-
 def start_ray(temp_dir: str | None = None):
     """A local Ray with every core, its temp dir (``temp_dir``, else a new one) short enough for Ray's unix
     sockets (searchspace's own start-up)."""
@@ -327,21 +295,13 @@ def test_probs(table, order: list[str]) -> np.ndarray:
     return np.asarray(aligned(table, order), np.float64)
 
 
-def ensemble_test(location: str) -> tuple[list[str], np.ndarray]:
-    """(test sample ids, the shipped ensemble's test probabilities, as its submission was made)."""
-    from core.experiment import Experiment
-    exp = Experiment(location)
-    order = exp.test()["sample_id"].tolist()
-    return order, test_probs(exp.ensemble_test(), order)
-
-
 def score_experiment(location: str, info: dict) -> dict:
     """The shipped ensemble on the held-out test labels; the members and what the selection chose."""
     from core.experiment import Experiment
     exp = Experiment(location)
-    order, P = ensemble_test(location)
+    order = exp.test()["sample_id"].tolist()
     record = exp.ensemble()
-    return dict(**scores(labels(info, exp.meta()["class_names"], order), P),
+    return dict(**scores(labels(info, exp.meta()["class_names"], order), test_probs(exp.ensemble_test(), order)),
                 members=[(m["candidate"], round(m["weight"], 3)) for m in record["members"]],
                 setting=record["cv"]["chosen"]["name"], cv_gain=record["cv"]["gain"],
                 network=best_network(location, info))

@@ -1,17 +1,14 @@
 """Benchmark: start-up at scale on JPEGs made here: the data, the index, the image check and the node cache.
 
-Default: class-per-folder trees of ``--images`` small JPEGs (``--src-px`` wide, 4:3): listing and index, first and
-second scan (``trainer.images.scan``), node-cache build (``trainer.cache.cached_images``) and the growth of each
-figure (the driver's cost per trial and ``select`` at scale: bench/driver_cost.py, bench/selection_scale.py).
-``--check``: the image check alone on the first N of one set of 640x480 JPEGs: scan without a cache, first and
-second scan, a rescan with 1% of the files touched, and the cache build. Every step runs in a Python process of its
-own, timed inside it (imports excluded), its peak RSS its own (``os.wait4``). Every file is a shifted, flipped,
-re-lit variant of one of 256 crops of scikit-image's photos (input_pipeline.one_photo), quality 90.
+Class-per-folder trees of ``--images`` small JPEGs (``--src-px`` wide, 4:3): listing and index, first and second
+scan (``trainer.images.scan``), node-cache build (``trainer.cache.cached_images``) and the growth of each figure (the
+driver's cost per trial and ``select`` at scale: bench/driver_cost.py, bench/selection_scale.py). Every step runs in
+a Python process of its own, timed inside it (imports excluded), its peak RSS its own (``os.wait4``). Every file is
+a shifted, flipped, re-lit variant of one of 256 crops of scikit-image's photos (input_pipeline.one_photo), quality
+90. (The same check on 640x480 JPEGs, ``--check``, ran until 708b1f7: BENCHMARKS.md, "Retired studies".)
 
     python bench/scale.py                                  # 20,000 and 100,000 images (~6 min on 2 cores)
     python bench/scale.py --images 500,2000                # smoke
-    python bench/scale.py --check --images 2000,20000,100000
-    python bench/scale.py --check --images 300,600         # smoke
 """
 from __future__ import annotations
 
@@ -135,12 +132,6 @@ def run_step(a, step: str, paths_file: str, cache_dir: str = "", data: str = "")
         "--build-workers", str(a.build_workers), "--folds", str(a.folds), "--seed", str(a.seed)])
 
 
-def write_list(a, n: int, paths: list[str]) -> str:
-    path = os.path.join(a.workdir, f"paths-{n}.json")
-    json.dump(paths, open(path, "w"))
-    return path
-
-
 def caches_of(a, n: int) -> tuple[str, str, str]:
     caches = os.path.join(a.workdir, f"caches-{n}")
     shutil.rmtree(caches, ignore_errors=True)
@@ -157,10 +148,6 @@ def load_note(before: tuple) -> str:
     return (f"load average (1, 5 min) {before[0]:.1f}, {before[1]:.1f} before, {os.getloadavg()[0]:.1f}, "
             f"{os.getloadavg()[1]:.1f} after, on {os.cpu_count()} cores (other processes share them: absolute "
             "times are noisy, ratios less so)")
-
-
-def page_cache(a) -> str:
-    return "the OS page cache emptied before every step" if a.drop_caches else "all in the OS page cache (warm)"
 
 
 # --- the start-up, step by step ---------------------------------------------------------
@@ -216,73 +203,23 @@ def startup(a, counts: list[int]) -> tuple[str, list[str]]:
             ("build peak RSS MiB", lambda n, r: r["build"]["rss_mib"], "{:.0f}"),
             ("cache GB", lambda n, r: r["cache_gb"], "{:.3f}")])
     per_image = results[counts[-1]]["cache_gb"] * 1e9 / counts[-1]
+    worst = min(results[n]["first"]["seconds"] / results[n]["second"]["seconds"] for n in counts)
     notes = [
         (f"JPEGs: {a.src_px}x{a.src_px * 3 // 4}, quality 90, {BASES} crops of scikit-image's bundled photos, "
-         f"{a.classes} class folders; {page_cache(a)}"),
+         f"{a.classes} class folders; " + ("the OS page cache emptied before every step" if a.drop_caches else
+                                       "all in the OS page cache (warm)")),
         (f"scan: {a.scan_workers} threads; build: {a.build_workers} threads, {a.px} px {a.mode}; scans and build "
          "each in a fresh process, timed inside it (imports excluded), peak RSS = its ru_maxrss; listing + index "
          f"likewise (searchspace.tasks.imagefolder.load, then build_index with {a.folds} stratified folds)"),
         (f"node cache: {per_image:,.0f} bytes per image at {a.px} px ({a.px}x{a.px}x3 = {a.px * a.px * 3:,}): "
-         "size x size x 3 bytes, whatever the JPEG's size")]
-    return body, notes
-
-
-# --- the image check alone (--check) ------------------------------------------------------
-
-def check(a, counts: list[int]) -> tuple[str, list[str]]:
-    all_paths = make_jpegs(os.path.join(a.workdir, "jpeg"), counts[-1], 640, 0, a.seed, (-40, 40, -60, 60))
-    rows, results = [], {}
-    for n in counts:
-        paths = all_paths[:n]
-        paths_file = write_list(a, n, paths)
-        data_gb = sum(os.path.getsize(p) for p in paths) / 1e9
-        caches, scan_dir, build_dir = caches_of(a, n)
-        print(f"--- {n:,} images ({data_gb:.2f} GB)", flush=True)
-        r = {"today": run_step(a, "scan", paths_file)}
-        r["first"] = run_step(a, "scan", paths_file, scan_dir)
-        r["second"] = run_step(a, "scan", paths_file, scan_dir)
-        now = time.time()
-        for p in paths[::100]:
-            os.utime(p, (now, now))
-        r["touched"] = run_step(a, "scan", paths_file, scan_dir)
-        r["build"] = run_step(a, "build", paths_file, build_dir)
-        for step, v in r.items():
-            print(f"  {step}: {json.dumps(v)}", flush=True)
-        finish_sizes(r, caches)
-        results[n] = r
-        rows.append([f"{n:,}", f"{data_gb:.2f}", f"{r['today']['seconds']:.1f}", f"{r['first']['seconds']:.1f}",
-                     f"{r['second']['seconds']:.2f}", f"{r['first']['seconds'] / r['second']['seconds']:.0f}x",
-                     r["second"]["read"], f"{r['touched']['seconds']:.2f} ({r['touched']['read']})",
-                     f"{max(r[s]['rss_mib'] for s in ('first', 'second', 'touched')):.0f}",
-                     f"{r['build']['seconds']:.1f}", f"{n / r['build']['seconds']:.0f}",
-                     f"{r['build']['rss_mib']:.0f}", f"{r['cache_gb']:.2f}", f"{r['verdicts_mb']:.1f}"])
-    body = harness.md_table(
-        ["images", "JPEGs GB", "scan, no cache s", "first scan s", "second scan s", "first/second",
-         "files read, second", "1% touched: s (files read)", "scan peak RSS MiB", f"build {a.px}px s",
-         "build img/s", "build peak RSS MiB", "cache GB", "verdicts MB"], rows)
-    if counts[-1] > counts[0]:
-        body += harness.growth(counts, results, [
-            ("first scan s", lambda n, r: r["first"]["seconds"], "{:.1f}"),
-            ("second scan s", lambda n, r: r["second"]["seconds"], "{:.2f}"),
-            ("build s", lambda n, r: r["build"]["seconds"], "{:.1f}"),
-            ("build img/s", lambda n, r: n / r["build"]["seconds"], "{:.0f}"),
-            ("build peak RSS MiB", lambda n, r: r["build"]["rss_mib"], "{:.0f}"),
-            ("second-scan peak RSS MiB", lambda n, r: r["second"]["rss_mib"], "{:.0f}")])
-    worst = min(results[n]["first"]["seconds"] / results[n]["second"]["seconds"] for n in counts)
-    notes = [
-        f"JPEGs: 640x480, quality 90, {BASES} random crops of scikit-image's bundled photos; {page_cache(a)}",
-        (f"scan: {a.scan_workers} threads; build: {a.build_workers} threads, {a.px} px {a.mode}; "
-         "each step in a fresh process, timed inside it; peak RSS = ru_maxrss of that process"),
-        ("first scan = the no-cache scan plus stat calls and sqlite commits; second scan = a stat per file and "
-         "one sqlite lookup per 500 files, no file read"),
+         "size x size x 3 bytes, whatever the JPEG's size"),
         f"target: second start >= 10x faster than the first: worst {worst:.0f}x: {harness.met(worst >= 10)}"]
     return body, notes
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="the image check and the cache build alone, 640x480 JPEGs")
-    ap.add_argument("--images", help="dataset sizes, comma-separated (default 20000,100000; --check 2000,20000)")
+    ap.add_argument("--images", default="20000,100000", help="dataset sizes, comma-separated (default 20000,100000)")
     ap.add_argument("--src-px", type=int, default=128, help="JPEG width; height 3/4 of it (default 128)")
     ap.add_argument("--px", type=int, default=64, help="node cache image size (default 64)")
     ap.add_argument("--mode", default="squish")
@@ -290,8 +227,7 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--scan-workers", type=int, default=8, help="scan threads (scan's default, as a search uses)")
     ap.add_argument("--build-workers", type=int, default=os.cpu_count(), help="cache build threads (default: cores)")
-    ap.add_argument("--workdir", help="JPEGs and caches go here (default /tmp/bench_scale, --check "
-                                      "/tmp/bench_scale_cache)")
+    ap.add_argument("--workdir", default="/tmp/bench_scale", help="JPEGs and caches go here (default /tmp/bench_scale)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--drop-caches", action="store_true", help="empty the OS page cache before every step (root)")
     ap.add_argument("--child", choices=["index", "scan", "build"], help=argparse.SUPPRESS)
@@ -300,17 +236,13 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         return child(a)
-    a.workdir = os.path.abspath(a.workdir or ("/tmp/bench_scale_cache" if a.check else "/tmp/bench_scale"))
-    counts = sorted(int(x) for x in (a.images or ("2000,20000" if a.check else "20000,100000")).split(","))
+    a.workdir = os.path.abspath(a.workdir)
+    counts = sorted(int(x) for x in a.images.split(","))
     load_before = os.getloadavg()
     os.makedirs(a.workdir, exist_ok=True)
-    body, notes = (check if a.check else startup)(a, counts)
+    body, notes = startup(a, counts)
     notes.append(load_note(load_before))
-    if a.check:
-        harness.report("scale_cache", "Start-up at scale: image check and node cache build", body, notes)
-    else:
-        harness.report("scale", "Start-up at scale: the data, the index, the image check and the node cache", body,
-                       notes)
+    harness.report("scale", "Start-up at scale: the data, the index, the image check and the node cache", body, notes)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ as fit in B. Both start cold; test accuracy and log loss, wall time, the pipelin
     python bench/time_budget.py --datasets animals --budgets 12 --seeds 2 --pipeline-only anchor
                                   # the pipeline alone again (code changed), against the cell's saved alternative
     python bench/time_budget.py baseline --task T --data DIR ...  # the alternative alone (what the runs call)
-    python bench/time_budget.py length --cell animals-s0-12m --candidate cv-27fde63b --models 0:33,0:132,all:132
-                                      # one recipe of a saved run, trained again at other lengths (the cause table)
 """
 from __future__ import annotations
 
@@ -24,28 +22,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+import real_data  # noqa: E402
 
 ARCHS = "test_resnet,test_efficientnet,efficientnet_lite0,mobilenetv3_small_050"
 SIZES = "32,48"   # the images are 25-40 px
 OUT = os.path.join(harness.RESULTS, "time_budget")
-
-
-def test_images(test, config: dict, ctx):
-    """The test images at ``config``'s size and resize mode, from the node cache."""
-    from trainer.cache import cached_images
-    return cached_images(test["path"].tolist(), ctx.test_key, config["image_size"], config["resize_mode"],
-                         ctx.cache_dir)
-
-
-def trained_probs(config: dict, ctx, fold: int | None, epochs: int, images):
-    """``config`` trained on a fold's training images (None: on all of them) for ``epochs``; its test
-    probabilities, with the run's TTA."""
-    from trainer.fit import Run
-    from trainer.inference import predict_probs
-    run = Run(config, ctx, fold=fold, epochs=epochs)
-    for _ in range(epochs):
-        run.train_epoch()
-    return predict_probs(run.model, images, tta=ctx.tta)
 
 
 # --- the simplest alternative ------------------------------------------------------------
@@ -62,7 +43,9 @@ def baseline(a) -> None:
     from searchspace.api import prepare_search
     from searchspace.config import SearchConfig
     from searchspace.tuner import first_config
+    from trainer.cache import cached_images
     from trainer.fit import Run
+    from trainer.inference import predict_probs
 
     deadline = a.start + a.budget
     config = SearchConfig.from_kwargs(storage=a.work, name="baseline", archs=a.arch, image_sizes=SIZES,
@@ -73,7 +56,8 @@ def baseline(a) -> None:
         p = prepare_search(a.task, a.data, config)
     recipe = first_config(p.task, p.archs, p.ctx)
     test = p.experiment.test()
-    images = test_images(test, recipe, p.ctx)
+    images = cached_images(test["path"].tolist(), p.ctx.test_key, recipe["image_size"], recipe["resize_mode"],
+                           p.ctx.cache_dir)
     # two epochs of a throw-away model: the second, warmed up (loader workers, kernels), says how many fit
     probe = Run(recipe, p.ctx, fold=None, epochs=2)
     probe.train_epoch()
@@ -83,46 +67,16 @@ def baseline(a) -> None:
     epoch_s = t1 - t0
     left = deadline - t1 - 2 * epoch_s * len(test) / max(1, len(p.experiment.folds()))   # the test predictions
     epochs = max(1, int(left * 0.97 / epoch_s))
-    probs = trained_probs(recipe, p.ctx, None, epochs, images)
+    run = Run(recipe, p.ctx, fold=None, epochs=epochs)
+    for _ in range(epochs):
+        run.train_epoch()
+    probs = predict_probs(run.model, images, tta=p.ctx.tta)
     write_parquet(a.out, probs_table(test["sample_id"], probs))
     with open(a.out + ".json", "w") as f:
         json.dump(dict(epochs=epochs, epoch_s=epoch_s, recipe={k: recipe[k] for k in ("arch", "image_size", "lr")},
                        classes=p.experiment.meta()["class_names"]), f)
     print(f"baseline: {recipe['arch']}@{recipe['image_size']} {epochs} epochs ({epoch_s:.2f} s each)", flush=True)
     assert np.isfinite(probs).all()
-
-
-# --- what length buys: one recipe of a saved run, trained again -------------------------------
-
-def length(a) -> None:
-    """A saved run's candidate recipe trained again on a fold or on every image, at each given length, on both
-    cores; each model's test accuracy and log loss (with the run's TTA). Says whether longer final models, or
-    the images of the holdout, would have scored higher: the cause table in BENCHMARKS.md."""
-    from dataclasses import replace
-
-    from core.experiment import Experiment, TrialContext
-
-    name = a.cell.split("-s")[0]
-    exp = Experiment(os.path.join(OUT, "runs", a.cell, "pipeline"))
-    meta = exp.meta()
-    ctx = replace(TrialContext.from_dict(meta["context"]), experiment=exp.location, cpus_per_trial=os.cpu_count())
-    config = exp.candidate(a.candidate).config()
-    test = exp.test()
-    order = test["sample_id"].tolist()
-    y = harness.labels(harness.dataset(name), meta["class_names"], order)
-    images = test_images(test, config, ctx)
-    out = os.path.join(OUT, "length", f"{a.cell}-{a.candidate}.json")
-    rows = json.load(open(out)) if os.path.exists(out) else []
-    for model in a.models.split(","):
-        fold, epochs = model.split(":")
-        t = time.time()
-        probs = trained_probs(config, ctx, None if fold == "all" else int(fold), int(epochs), images)
-        row = dict(fold=fold, epochs=int(epochs), arch=config["arch"], image_size=config["image_size"],
-                   **harness.scores(y, probs.astype("float64")),
-                   seconds=round(time.time() - t, 1))
-        print(json.dumps(row), flush=True)
-        rows = [r for r in rows if (r["fold"], r["epochs"]) != (fold, int(epochs))] + [row]
-        harness.save_json(out, rows)
 
 
 # --- one cell ------------------------------------------------------------------------------
@@ -133,11 +87,11 @@ def run_pipeline(name: str, seed: int, budget: float, work: str, run_name: str =
     scores and the budget's split when it ended with one."""
     from core.experiment import Experiment
 
-    spec, info = harness.DATASETS[name], harness.dataset(name)
+    spec, info = real_data.DATASETS[name], real_data.dataset(name)
     cmd = [sys.executable, "-m", "searchspace.run", spec["task"], "--data", info["folder"], "--archs", ARCHS,
            "--image-sizes", SIZES, "--time-budget", f"{budget:g}", "--seed", str(seed), "--storage", work,
            "--name", run_name, "--cache-dir", os.path.join(work, f"cache-{run_name}"), "--weights-dir",
-           harness.weights(), *([] if spec["tta"] else ["--no-tta"]), *extra]
+           real_data.weights(), *([] if spec["tta"] else ["--no-tta"]), *extra]
     r = harness.run(cmd, os.path.join(work, f"{run_name}.log"), timeout=budget * 2 + 300)
     res = dict(seconds=r["seconds"], rc=r["rc"], cmd=r["cmd"], location=os.path.join(work, run_name))
     exp = Experiment(res["location"])
@@ -147,7 +101,14 @@ def run_pipeline(name: str, seed: int, budget: float, work: str, run_name: str =
         res.update(search_until_s=clock["state"].get("search_until_s"), final_stage_s=clock["state"].get(
             "final_stage_s"), plan=exp.meta().get("final_plan") or {}, trials=len(trials),
             folds=exp.meta()["folds"], completed=int(trials["completed"].sum()))
+    if exp.has_trials():
+        res["failed"] = failed_trials(exp)
     return res
+
+
+def failed_trials(exp) -> int:
+    """Trials that ended in an error (a real-data run should have none: the offline checks run before the search)."""
+    return int((exp.trials()["status"] == "error").sum())
 
 
 def cell(name: str, seed: int, minutes: float, first: str) -> dict:
@@ -156,8 +117,8 @@ def cell(name: str, seed: int, minutes: float, first: str) -> dict:
     from core.experiment import aligned
     from core.storage import read_parquet
 
-    spec = harness.DATASETS[name]
-    info = harness.dataset(name)
+    spec = real_data.DATASETS[name]
+    info = real_data.dataset(name)
     tag = f"{name}-s{seed}-{minutes:g}m"
     work = os.path.join(OUT, "runs", tag)
     os.makedirs(work, exist_ok=True)
@@ -173,7 +134,7 @@ def cell(name: str, seed: int, minutes: float, first: str) -> dict:
         cmd = [sys.executable, os.path.abspath(__file__), "baseline", "--task", spec["task"], "--data",
                info["folder"], "--arch", ARCHS.split(",")[0], "--budget", f"{budget:g}", "--start",
                f"{time.time():.3f}", "--work", work, "--cache-dir", os.path.join(work, "cache-baseline"),
-               "--weights-dir", harness.weights(), "--out", target, *tta]
+               "--weights-dir", real_data.weights(), "--out", target, *tta]
         r = harness.run(cmd, os.path.join(work, "baseline.log"), timeout=budget * 2 + 300)
         res = dict(seconds=r["seconds"], rc=r["rc"], cmd=r["cmd"])
         if r["rc"] == 0:
@@ -213,12 +174,17 @@ def pipeline_again(name: str, seed: int, minutes: float, variant: str) -> dict:
 # --- the report ------------------------------------------------------------------------------
 
 def load_results() -> list[dict]:
-    """Every saved cell; the best network alone is scored from the run where a cell saved before it was kept."""
+    """Every saved cell; the best network alone and the failed trials are counted from the run where a cell saved
+    before they were kept and its run is still on disk."""
+    from core.experiment import Experiment
+
     rows = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(OUT, "*.json")))]
     for r in rows:
         location = r["pipeline"].get("location")
         if "network" not in r["pipeline"] and location and os.path.exists(os.path.join(location, "ensemble")):
-            r["pipeline"]["network"] = harness.best_network(location, harness.dataset(r["dataset"]))
+            r["pipeline"]["network"] = harness.best_network(location, real_data.dataset(r["dataset"]))
+        if "failed" not in r["pipeline"] and location and Experiment(location).has_trials():
+            r["pipeline"]["failed"] = failed_trials(Experiment(location))
     return rows
 
 
@@ -292,12 +258,6 @@ def main() -> None:
         ap.add_argument("--start", type=float, required=True, help="when the parent started the clock (epoch s)")
         ap.add_argument("--no-tta", action="store_true")
         return baseline(ap.parse_args(sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] == "length":
-        ap = argparse.ArgumentParser(prog="time_budget.py length", description=length.__doc__.splitlines()[0])
-        ap.add_argument("--cell", required=True, help="a saved cell's run, e.g. animals-s0-12m")
-        ap.add_argument("--candidate", required=True, help="a candidate of its pipeline run, e.g. cv-27fde63b")
-        ap.add_argument("--models", required=True, help="fold:epochs,... ('all' for every image), e.g. 0:33,all:132")
-        return length(ap.parse_args(sys.argv[2:]))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default="mnist,animals,photos")
     ap.add_argument("--budgets", default="3,6,12,24", help="minutes")
@@ -325,8 +285,11 @@ def main() -> None:
     figure = os.path.join(harness.REPO, "docs", "time-budget.png")
     plot(rows, figure)
     picture = f"![accuracy against budget]({os.path.relpath(figure, harness.REPO)})"
+    counted = [r["pipeline"] for r in rows if "failed" in r["pipeline"]]
     harness.report("time_budget", "Anytime performance: the pipeline against the simplest alternative at equal "
-                   "wall time", table(rows) + "\n\n" + picture)
+                   "wall time", table(rows) + "\n\n" + picture,
+                   [f"failed trials: {sum(p['failed'] for p in counted)} in the {len(counted)} cells whose run is "
+                    f"on disk or counted them (of {len(rows)}); {sum(p.get('trials', 0) for p in counted)} trials"])
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ peak memory starts at what its imports take.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -17,7 +18,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -141,15 +141,6 @@ def folder_bytes(path: str) -> int:
 
 # --- running the CLIs -------------------------------------------------------------------------
 
-def child_env(ray_tmp: str | None = None) -> dict:
-    """The environment of a CLI run: offline, its own Ray temp dir, never another user's cluster."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(NO_ALBUMENTATIONS_UPDATE="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.environ["PYTHONPATH"])
-    if ray_tmp:
-        env["RAY_TMPDIR"] = ray_tmp
-    return env
-
-
 def show(cmd: list[str]) -> str:
     """The command as a user would type it (the venv's python as `python`, repository paths relative)."""
     out = []
@@ -162,51 +153,34 @@ def show(cmd: list[str]) -> str:
     return " ".join(out)
 
 
-def run(cmd: list[str], log: str, timeout: float, env: dict | None = None, tag: str | None = None) -> dict:
-    """Run ``cmd`` from the repository root in a session of its own: its stdout to ``log`` (and, with ``tag``,
-    echoed live), its stderr to ``log + '.stderr'``; rc, seconds, peak RSS, stdout lines and the stderr's last
-    lines. Past ``timeout`` seconds its process group is killed."""
-    if tag:
-        print(f"\n[{tag}] $ {show(cmd)}", flush=True)
+def run(cmd: list[str], log: str, timeout: float) -> dict:
+    """Run ``cmd`` from the repository root in a session of its own (offline, its own Ray temp dir), its stdout to
+    ``log`` and its stderr to ``log + '.stderr'``: rc, seconds and peak RSS. Past ``timeout`` seconds its process
+    group is stopped, then killed."""
     ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")   # short: Ray's unix socket paths
     rss_file = log + ".rss"
     timed = ["/usr/bin/time", "-o", rss_file, "-f", "%M", *cmd] if os.path.exists("/usr/bin/time") else cmd
-    timed_out, lines = threading.Event(), []
-
-    def kill():
-        timed_out.set()
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-            time.sleep(10)
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}   # never another user's cluster
+    env.update(NO_ALBUMENTATIONS_UPDATE="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.environ["PYTHONPATH"],
+               RAY_TMPDIR=ray_tmp)
     os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
-    t0 = time.perf_counter()
+    t0, timed_out = time.perf_counter(), False
     with open(log, "w") as out, open(log + ".stderr", "w") as err:
-        p = subprocess.Popen(timed, cwd=REPO, env=env or child_env(ray_tmp), stdout=subprocess.PIPE, stderr=err,
-                             text=True, bufsize=1, start_new_session=True)
-        timer = threading.Timer(timeout, kill)
-        timer.start()
+        p = subprocess.Popen(timed, cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True)
         try:
-            for line in p.stdout:
-                out.write(line)
-                lines.append(line.rstrip("\n"))
-                if tag:
-                    print(f"[{tag}] {line}", end="", flush=True)
+            rc = p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            for sig in (signal.SIGTERM, signal.SIGKILL):   # the whole group: Ray's workers too
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, sig)
+                time.sleep(10 if sig == signal.SIGTERM else 0)
             rc = p.wait()
-        finally:
-            timer.cancel()
     seconds = time.perf_counter() - t0
     subprocess.run(["rm", "-rf", ray_tmp])
-    tail = [ln.rstrip("\n") for ln in open(log + ".stderr", errors="replace") if ln.strip()][-8:]
     rss = open(rss_file).read().split() if os.path.exists(rss_file) else []
-    if rc != 0 and tag:
-        print(f"[{tag}] exit code {rc}{' (timed out)' if timed_out.is_set() else ''}; last stderr lines:\n"
-              + "\n".join(f"[{tag}]   {ln}" for ln in tail), flush=True)
-    return dict(cmd=show(cmd), rc=rc, seconds=seconds, timed_out=timed_out.is_set(), stdout=lines,
-                stderr_tail=tail, peak_rss_mb=int(rss[-1]) / 1024 if rss and rss[-1].isdigit() else None, log=log)
+    return dict(cmd=show(cmd), rc=rc, seconds=seconds, timed_out=timed_out,
+                peak_rss_mb=int(rss[-1]) / 1024 if rss and rss[-1].isdigit() else None, log=log)
 
 
 def start_ray(temp_dir: str | None = None):

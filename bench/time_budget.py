@@ -95,20 +95,21 @@ def run_pipeline(name: str, seed: int, budget: float, work: str, run_name: str =
     r = harness.run(cmd, os.path.join(work, f"{run_name}.log"), timeout=budget * 2 + 300)
     res = dict(seconds=r["seconds"], rc=r["rc"], cmd=r["cmd"], location=os.path.join(work, run_name))
     exp = Experiment(res["location"])
+    trials = exp.trials() if exp.has_trials() else None
     if r["rc"] == 0 and exp.has_ensemble():
         res.update(harness.score_experiment(exp.location, info))
-        clock, trials = exp.clock(), exp.trials()
+        clock = exp.clock()
         res.update(search_until_s=clock["state"].get("search_until_s"), final_stage_s=clock["state"].get(
             "final_stage_s"), plan=exp.meta().get("final_plan") or {}, trials=len(trials),
             folds=exp.meta()["folds"], completed=int(trials["completed"].sum()))
-    if exp.has_trials():
-        res["failed"] = failed_trials(exp)
+    if trials is not None:
+        res["failed"] = failed_trials(trials)
     return res
 
 
-def failed_trials(exp) -> int:
+def failed_trials(trials) -> int:
     """Trials that ended in an error (a real-data run should have none: the offline checks run before the search)."""
-    return int((exp.trials()["status"] == "error").sum())
+    return int((trials["status"] == "error").sum())
 
 
 def cell(name: str, seed: int, minutes: float, first: str) -> dict:
@@ -184,7 +185,7 @@ def load_results() -> list[dict]:
         if "network" not in r["pipeline"] and location and os.path.exists(os.path.join(location, "ensemble")):
             r["pipeline"]["network"] = harness.best_network(location, real_data.dataset(r["dataset"]))
         if "failed" not in r["pipeline"] and location and Experiment(location).has_trials():
-            r["pipeline"]["failed"] = failed_trials(Experiment(location))
+            r["pipeline"]["failed"] = failed_trials(Experiment(location).trials())
     return rows
 
 
